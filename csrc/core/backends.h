@@ -1,0 +1,25 @@
+// miras/core/backends.h — entry points of the compute backends. Torch-free and CUDA-free, so the
+// torch layer and the C ABI share them. Errors are thrown as std::invalid_argument (bad input:
+// the message names the argument and the fix) or std::runtime_error (a failed launch).
+#pragma once
+#include <cstddef>
+
+#include "params.h"
+
+namespace miras {
+
+// CPU (csrc/cpu): dtype float32 or float64 for every pointer. OpenMP over sequences x heads.
+void chunk_fwd_cpu(const ChunkFwdParams& p);
+void chunk_bwd_cpu(const ChunkBwdParams& p);
+
+// CUDA (csrc/cuda): `stream` is a cudaStream_t. The caller allocates `workspace` of at least the
+// queried size (bytes, 256-byte aligned) on the same device; it may be clobbered.
+// cuda_unsupported() returns nullptr when the configuration runs on CUDA, else a message that
+// says why and what to change (checked before anything is launched).
+const char* cuda_unsupported(const ChunkFwdParams& p);
+size_t chunk_fwd_cuda_workspace(const ChunkFwdParams& p);
+size_t chunk_bwd_cuda_workspace(const ChunkBwdParams& p);
+void chunk_fwd_cuda(const ChunkFwdParams& p, void* workspace, void* stream);
+void chunk_bwd_cuda(const ChunkBwdParams& p, void* workspace, void* stream);
+
+}  // namespace miras

@@ -1,0 +1,127 @@
+// miras/core/bias.h — attentional biases: psi(e) and its vector-Jacobian product (SPEC §3,
+// KERNELS.md §3), written once for host and device.
+//
+// A bias acts on one token's residual row e = M(k) - v in R^{Dv}. Element-wise biases need only
+// e_i; the norm-based ones (huber yaad/norm, robust) also need the row statistic
+// sumsq = sum_i e_i^2, and their VJP needs edpsi = sum_i e_i * dpsi_i. Backends compute those
+// row reductions however suits them (a loop on the CPU, a warp/block reduction on the GPU) and
+// call the element functions below.
+#pragma once
+#include <cmath>
+
+#include "params.h"
+
+namespace miras {
+
+// Precision-preserving math on host and device (float stays float, double stays double).
+MIRAS_HD float m_sqrt(float x) { return sqrtf(x); }
+MIRAS_HD double m_sqrt(double x) { return sqrt(x); }
+MIRAS_HD float m_pow(float x, float y) { return powf(x, y); }
+MIRAS_HD double m_pow(double x, double y) { return pow(x, y); }
+MIRAS_HD float m_exp(float x) { return expf(x); }
+MIRAS_HD double m_exp(double x) { return exp(x); }
+MIRAS_HD float m_log(float x) { return logf(x); }
+MIRAS_HD double m_log(double x) { return log(x); }
+MIRAS_HD float m_abs(float x) { return fabsf(x); }
+MIRAS_HD double m_abs(double x) { return fabs(x); }
+
+MIRAS_HD bool bias_needs_row_norm(int kind) {
+  return kind == kBiasHuberYaad || kind == kBiasHuberNorm || kind == kBiasRobust;
+}
+// The VJP of the norm-based biases needs edpsi = sum_i e_i dpsi_i over the row.
+MIRAS_HD bool bias_needs_edpsi(int kind) {
+  return kind == kBiasHuberNorm || kind == kBiasRobust;
+}
+MIRAS_HD bool bias_has_param(int kind) {
+  return kind == kBiasHuberYaad || kind == kBiasHuberCoord || kind == kBiasHuberNorm ||
+         kind == kBiasRobust;
+}
+
+template <typename A>
+struct BiasArgs {
+  int kind;
+  A p, eps;   // lp exponent and smoothing
+  A param;    // this token's delta (huber) or Delta (robust)
+};
+
+// psi_i for one element. e = residual, v = target (dot bias only), sumsq = sum e^2 of the row.
+template <typename A>
+MIRAS_HD A bias_psi(const BiasArgs<A>& b, A e, A v, A sumsq) {
+  switch (b.kind) {
+    case kBiasDot:
+      return -v;
+    case kBiasL2:
+      return e;
+    case kBiasLp:
+      return e * m_pow(e * e + b.eps, (b.p - A(2)) / A(2));
+    case kBiasHuberYaad:
+      return m_sqrt(sumsq) <= b.param ? e : b.param * e / m_sqrt(e * e + b.eps);
+    case kBiasHuberCoord:
+      return e < -b.param ? -b.param : (e > b.param ? b.param : e);
+    case kBiasHuberNorm: {
+      A n = m_sqrt(sumsq);
+      return n <= b.param ? e : e * (b.param / n);
+    }
+    case kBiasRobust:
+      return e * (A(1) + b.param / m_sqrt(sumsq + b.eps));
+    default:
+      return e;
+  }
+}
+
+// d loss / d e_i given dpsi (the incoming gradient on psi). For the dot bias psi = -v does not
+// depend on e: the caller adds dv_i -= dpsi_i instead (see bias_psi_uses_v).
+template <typename A>
+MIRAS_HD A bias_vjp_e(const BiasArgs<A>& b, A e, A dpsi, A sumsq, A edpsi) {
+  switch (b.kind) {
+    case kBiasDot:
+      return A(0);
+    case kBiasL2:
+      return dpsi;
+    case kBiasLp: {
+      A s = e * e + b.eps;
+      return m_pow(s, (b.p - A(4)) / A(2)) * ((b.p - A(1)) * e * e + b.eps) * dpsi;
+    }
+    case kBiasHuberYaad: {
+      if (m_sqrt(sumsq) <= b.param) return dpsi;
+      A s = e * e + b.eps;
+      return b.param * b.eps / (s * m_sqrt(s)) * dpsi;
+    }
+    case kBiasHuberCoord:
+      return (e < b.param && e > -b.param) ? dpsi : A(0);
+    case kBiasHuberNorm: {
+      A n = m_sqrt(sumsq);
+      if (n <= b.param) return dpsi;
+      return (b.param / n) * (dpsi - e * edpsi / (n * n));
+    }
+    case kBiasRobust: {
+      A r = m_sqrt(sumsq + b.eps);
+      return (A(1) + b.param / r) * dpsi - b.param * e * edpsi / (r * r * r);
+    }
+    default:
+      return dpsi;
+  }
+}
+
+// This element's contribution to d loss / d param (summed over the row by the caller).
+template <typename A>
+MIRAS_HD A bias_vjp_param(const BiasArgs<A>& b, A e, A dpsi, A sumsq) {
+  switch (b.kind) {
+    case kBiasHuberYaad:
+      return m_sqrt(sumsq) <= b.param ? A(0) : dpsi * e / m_sqrt(e * e + b.eps);
+    case kBiasHuberCoord:
+      return e > b.param ? dpsi : (e < -b.param ? -dpsi : A(0));
+    case kBiasHuberNorm: {
+      A n = m_sqrt(sumsq);
+      return n <= b.param ? A(0) : e * dpsi / n;
+    }
+    case kBiasRobust:
+      return e * dpsi / m_sqrt(sumsq + b.eps);
+    default:
+      return A(0);
+  }
+}
+
+MIRAS_HD bool bias_psi_uses_v(int kind) { return kind == kBiasDot; }
+
+}  // namespace miras

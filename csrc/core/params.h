@@ -1,0 +1,127 @@
+// miras/core/params.h — the plain parameter structs every backend consumes.
+//
+// No torch, no CUDA headers: the torch layer (csrc/torch), the C ABI (csrc/capi) and tests fill
+// these once on the host; the CPU loops (csrc/cpu) and the CUDA launchers (csrc/cuda) read them.
+// Semantics are SPEC.md; names follow the paper (lr, alpha, momentum, anchor, chunk_size).
+#pragma once
+#include <cstdint>
+
+namespace miras {
+
+// ---- configuration enums (values are part of the op schema: keep them stable) ---------------
+enum BiasKind : int32_t {
+  kBiasDot = 0,
+  kBiasL2 = 1,
+  kBiasLp = 2,
+  kBiasHuberYaad = 3,
+  kBiasHuberCoord = 4,
+  kBiasHuberNorm = 5,
+  kBiasRobust = 6,
+};
+
+enum RetentionKind : int32_t {
+  kRetL2 = 0,
+  kRetKL = 1,
+  kRetElasticNet = 2,
+  kRetLq = 3,
+};
+
+enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Scalar configuration of one op call. Tensor-valued parameters live in the params structs.
+struct MemoryConfig {
+  int32_t bias = kBiasL2;
+  int32_t retention = kRetL2;
+  double p = 3.0;            // lp exponent (p >= 1)
+  double eps = 1e-6;         // smoothing of |x| ~ sqrt(x^2 + eps) (lp, huber yaad, robust)
+  double bias_param = 1.0;   // huber delta (> 0) or robust Delta (>= 0), when no tensor is given
+  double ret_param = 0.0;    // elastic-net gamma (>= 0), when no tensor is given
+  double kl_scale = 1.0;     // c of the KL read map
+  double q_norm = 4.0;       // q of the lq normaliser (q >= 2)
+  double eps_q = 1e-6;       // floor of the lq norm
+  double scale = 1.0;        // query scale (q~ = scale * q)
+  int64_t chunk_size = 64;   // C >= 1
+};
+
+// ---- chunked forward ------------------------------------------------------------------------
+// Layout (all contiguous, row-major):
+//   q, k      [total, H, Dk]     v, o [total, H, Dv]
+//   gates     lr, alpha, momentum, bias_param, ret_param: [total, H]
+//   states    X0, P0, A0, XT, PT, AT: [N, H, Dk, Dv]
+//   saved     chunk_X, chunk_P: [num_chunk_slots, H, Dk, Dv], the raw state (and momentum) at
+//             the start of every chunk; slot of chunk c of sequence n = chunk_base(n) + c.
+// total = N * T without cu_seqlens; with cu_seqlens (int64, [N+1]) total = T and sequence n is
+// tokens [cu_seqlens[n], cu_seqlens[n+1]).
+// dtypes: CPU — every pointer has dtype `dtype` (float32 or float64).
+//         CUDA — q, k, v, o have dtype `dtype` (float32, float16, bfloat16); everything else,
+//         gates and states included, is float32.
+// Null pointers: momentum == nullptr means plain gradient descent (P0/PT/chunk_P unused);
+// bias_param/ret_param == nullptr means the scalar in cfg; X0 == nullptr means zeros;
+// P0 == nullptr means zeros; A0 == nullptr means the first chunk's anchor is X0 (the chunked op);
+// a separate A0 (the step op) anchors the first chunk's gradient there instead.
+struct ChunkFwdParams {
+  int64_t N = 0, T = 0, H = 0, Dk = 0, Dv = 0;
+  const int64_t* cu_seqlens = nullptr;
+  int32_t dtype = kFloat32;
+  MemoryConfig cfg;
+
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  const void *lr = nullptr, *alpha = nullptr, *momentum = nullptr;
+  const void *bias_param = nullptr, *ret_param = nullptr;
+  const void *X0 = nullptr, *P0 = nullptr, *A0 = nullptr;
+
+  void* o = nullptr;
+  void *XT = nullptr, *PT = nullptr, *AT = nullptr;  // final raw state, momentum, anchor
+  void *chunk_X = nullptr, *chunk_P = nullptr;       // saved for backward (may be null in
+                                                     // inference: then nothing is saved)
+  int64_t num_chunk_slots = 0;
+};
+
+// ---- chunked backward -----------------------------------------------------------------------
+// Reads the forward's inputs and its saved chunk_X / chunk_P (fwd.o, XT, PT, AT are unused).
+// Gradients: dq, dk, dv like q, k, v; dlr, dalpha, dmomentum, dbias_param, dret_param like the
+// gates; dX0, dP0, dA0 like the states. dtypes: CPU — `fwd.dtype`; CUDA — float32 always.
+// dO may not be null; dXT, dPT may be null (zero). dmomentum is written when momentum is given;
+// dbias_param / dret_param are written only when non-null (tensor-valued parameter). dX0 is
+// always written (the gradient with respect to the initial raw state, zeros when X0 was null);
+// dP0 when momentum is given; dA0 when A0 was given (otherwise the anchor's gradient is part of
+// dX0).
+struct ChunkBwdParams {
+  ChunkFwdParams fwd;
+  const void* dO = nullptr;
+  const void *dXT = nullptr, *dPT = nullptr;
+
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  void *dlr = nullptr, *dalpha = nullptr, *dmomentum = nullptr;
+  void *dbias_param = nullptr, *dret_param = nullptr;
+  void *dX0 = nullptr, *dP0 = nullptr, *dA0 = nullptr;
+};
+
+// ---- chunk bookkeeping (host and device) -----------------------------------------------------
+#if defined(__CUDACC__)
+#define MIRAS_HD __host__ __device__ __forceinline__
+#else
+#define MIRAS_HD inline
+#endif
+
+MIRAS_HD int64_t num_chunks(int64_t len, int64_t C) { return (len + C - 1) / C; }
+
+// Slots needed for saved chunk states: exact without cu_seqlens; an upper bound (T/C + N) with
+// them, so that shapes depend on input shapes alone (no device sync, torch.compile-friendly).
+MIRAS_HD int64_t num_chunk_slots(int64_t N, int64_t T, int64_t C, bool varlen) {
+  return varlen ? T / C + N : N * num_chunks(T, C);
+}
+
+MIRAS_HD int64_t seq_begin(const int64_t* cu, int64_t n, int64_t T) { return cu ? cu[n] : n * T; }
+MIRAS_HD int64_t seq_len(const int64_t* cu, int64_t n, int64_t T) {
+  return cu ? cu[n + 1] - cu[n] : T;
+}
+// First saved-state slot of sequence n (O(n) with cu_seqlens; cheap next to a sequence's work).
+MIRAS_HD int64_t chunk_base(const int64_t* cu, int64_t n, int64_t T, int64_t C) {
+  if (!cu) return n * num_chunks(T, C);
+  int64_t base = 0;
+  for (int64_t m = 0; m < n; ++m) base += num_chunks(cu[m + 1] - cu[m], C);
+  return base;
+}
+
+}  // namespace miras

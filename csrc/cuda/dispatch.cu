@@ -1,0 +1,121 @@
+// miras/cuda/dispatch.cu — picks the kernel family for a call, names it in an NVTX range, and
+// checks launches. Torch-free: shared by the torch glue and the C ABI.
+//
+// Families (kernels.h): the tensor-core dual form for retention l2 (chunk_l2_*) and the exact
+// float32 per-token scan for everything else (scan_*). MIRAS_CUDA_PATH=scan|chunk|auto (default
+// auto) forces one family, for tests and benchmarks.
+#include <nvtx3/nvToolsExt.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../core/backends.h"
+#include "kernels.h"
+
+namespace miras {
+namespace cuda {
+
+void check_launch(const char* kernel_name) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("miras: CUDA launch of ") + kernel_name + " failed: " +
+                             cudaGetErrorString(err));
+}
+
+namespace {
+
+enum class Family { kChunkL2, kScan };
+
+const char* path_override() {
+  const char* s = std::getenv("MIRAS_CUDA_PATH");
+  return (s && *s) ? s : "auto";
+}
+
+// Returns the family for p, or throws std::invalid_argument with every reason it is refused.
+Family pick(const ChunkFwdParams& p) {
+  const char* mode = path_override();
+  const char* chunk_why = chunk_l2_unsupported(p);
+  const char* scan_why = scan_unsupported(p);
+  if (std::strcmp(mode, "scan") == 0) {
+    if (scan_why) throw std::invalid_argument(std::string("MIRAS_CUDA_PATH=scan: ") + scan_why);
+    return Family::kScan;
+  }
+  if (std::strcmp(mode, "chunk") == 0) {
+    if (chunk_why) throw std::invalid_argument(std::string("MIRAS_CUDA_PATH=chunk: ") + chunk_why);
+    return Family::kChunkL2;
+  }
+  if (!chunk_why) return Family::kChunkL2;
+  if (!scan_why) return Family::kScan;
+  throw std::invalid_argument(std::string("no CUDA kernel for this configuration: ") + scan_why);
+}
+
+const char* bias_name(int b) {
+  static const char* names[] = {"dot", "l2", "lp", "huber_yaad", "huber_coord", "huber_norm", "robust"};
+  return (b >= 0 && b < 7) ? names[b] : "?";
+}
+const char* retention_name(int r) {
+  static const char* names[] = {"l2", "kl", "elastic_net", "lq"};
+  return (r >= 0 && r < 4) ? names[r] : "?";
+}
+const char* dtype_name(int d) {
+  static const char* names[] = {"f32", "f64", "f16", "bf16"};
+  return (d >= 0 && d < 4) ? names[d] : "?";
+}
+
+// An NVTX range named after the op and its variant, e.g.
+// "miras.chunk_fwd[chunk_l2 bias=lp ret=l2 mom C=64 dk=128 dv=128 bf16]".
+struct NvtxRange {
+  NvtxRange(const char* op, const ChunkFwdParams& p, Family f) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), "miras.%s[%s bias=%s ret=%s%s C=%lld dk=%lld dv=%lld %s]", op,
+                  f == Family::kChunkL2 ? "chunk_l2" : "scan", bias_name(p.cfg.bias),
+                  retention_name(p.cfg.retention), p.momentum ? " mom" : "",
+                  static_cast<long long>(p.cfg.chunk_size), static_cast<long long>(p.Dk),
+                  static_cast<long long>(p.Dv), dtype_name(p.dtype));
+    nvtxRangePushA(buf);
+  }
+  ~NvtxRange() { nvtxRangePop(); }
+};
+
+}  // namespace
+}  // namespace cuda
+
+const char* cuda_unsupported(const ChunkFwdParams& p) {
+  if (p.dtype == kFloat64) return "float64 inputs run on the CPU only; use float32, float16 or bfloat16 on CUDA";
+  if (cuda::chunk_l2_unsupported(p) == nullptr) return nullptr;
+  return cuda::scan_unsupported(p);
+}
+
+size_t chunk_fwd_cuda_workspace(const ChunkFwdParams& p) {
+  return cuda::pick(p) == cuda::Family::kChunkL2 ? cuda::chunk_l2_fwd_workspace(p) : cuda::scan_fwd_workspace(p);
+}
+
+size_t chunk_bwd_cuda_workspace(const ChunkBwdParams& p) {
+  return cuda::pick(p.fwd) == cuda::Family::kChunkL2 ? cuda::chunk_l2_bwd_workspace(p)
+                                                     : cuda::scan_bwd_workspace(p);
+}
+
+void chunk_fwd_cuda(const ChunkFwdParams& p, void* workspace, void* stream) {
+  const cuda::Family f = cuda::pick(p);
+  cuda::NvtxRange range("chunk_fwd", p, f);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (f == cuda::Family::kChunkL2)
+    cuda::chunk_l2_fwd(p, workspace, s);
+  else
+    cuda::scan_fwd(p, workspace, s);
+}
+
+void chunk_bwd_cuda(const ChunkBwdParams& p, void* workspace, void* stream) {
+  const cuda::Family f = cuda::pick(p.fwd);
+  cuda::NvtxRange range("chunk_bwd", p.fwd, f);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (f == cuda::Family::kChunkL2)
+    cuda::chunk_l2_bwd(p, workspace, s);
+  else
+    cuda::scan_bwd(p, workspace, s);
+}
+
+}  // namespace miras

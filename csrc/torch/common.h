@@ -1,0 +1,52 @@
+// miras/torch/common.h — shared glue between the CPU and CUDA torch implementations.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../core/backends.h"
+#include "../core/params.h"
+
+namespace miras {
+namespace torch_glue {
+
+struct Problem {
+  int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, N = 0, slots = 0;
+  bool varlen = false;
+};
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
+                  const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+                  const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size);
+Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
+                     int64_t chunk_size);
+void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q);
+MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
+                         double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
+                         int64_t chunk_size);
+const void* opt_ptr(const c10::optional<at::Tensor>& t);
+c10::optional<at::Tensor> opt_to(const c10::optional<at::Tensor>& t, at::ScalarType dt);
+
+#ifdef MIRAS_WITH_CUDA
+// csrc/torch/ops_cuda.cpp: device guard, current stream, workspace from the caching allocator.
+void cuda_fwd(const ChunkFwdParams& p, const at::Tensor& q);
+void cuda_bwd(const ChunkBwdParams& p, const at::Tensor& q);
+#endif
+
+// Runs a backend call, turning its exceptions into torch errors (ValueError for bad input).
+template <typename F>
+void run_guarded(F&& f) {
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+}  // namespace torch_glue
+}  // namespace miras

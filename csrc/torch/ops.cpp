@@ -1,0 +1,350 @@
+// miras/torch/ops.cpp — TORCH_LIBRARY schemas and the CPU implementation glue.
+//
+// No math here: checks that a direct caller of torch.ops.miras.* would need (the Python layer in
+// python/miras/ops.py checks everything first, with friendlier messages), dtype/layout
+// normalisation, output allocation, and a call into csrc/cpu or csrc/cuda through the plain
+// params structs of csrc/core/params.h.
+#include "common.h"
+
+#include <torch/extension.h>
+
+#include <stdexcept>
+
+namespace miras {
+namespace torch_glue {
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
+                  const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+                  const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size) {
+  TORCH_CHECK(q.dim() == 4, "miras: q must be [B, T, H, Dk], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "miras: k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == q.size(2),
+              "miras: v must be [B, T, H, Dv] matching q's [B, T, H], got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "miras: q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  auto gate_shape = q.sizes().slice(0, 3);
+  TORCH_CHECK(lr.sizes() == gate_shape, "miras: lr must be [B, T, H] = ", gate_shape, ", got ", lr.sizes());
+  TORCH_CHECK(alpha.sizes() == gate_shape, "miras: alpha must be [B, T, H] = ", gate_shape, ", got ",
+              alpha.sizes());
+  if (momentum.has_value())
+    TORCH_CHECK(momentum->sizes() == gate_shape, "miras: momentum must be [B, T, H] = ", gate_shape, ", got ",
+                momentum->sizes());
+  TORCH_CHECK(chunk_size >= 1, "miras: chunk_size must be >= 1, got ", chunk_size);
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(q.size(0) == 1, "miras: with cu_seqlens the batch size must be 1, got ", q.size(0));
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2,
+                "miras: cu_seqlens must be 1-D [N+1] with N >= 1, got ", cu_seqlens->sizes());
+  }
+  for (const at::Tensor* t : {&k, &v, &lr, &alpha})
+    TORCH_CHECK(t->device() == q.device(), "miras: all tensors must be on q's device ", q.device(), ", got ",
+                t->device());
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
+                     int64_t chunk_size) {
+  Problem pr;
+  pr.B = q.size(0);
+  pr.T = q.size(1);
+  pr.H = q.size(2);
+  pr.Dk = q.size(3);
+  pr.Dv = v.size(3);
+  pr.varlen = cu_seqlens.has_value();
+  pr.N = pr.varlen ? cu_seqlens->numel() - 1 : pr.B;
+  pr.slots = num_chunk_slots(pr.N, pr.varlen ? pr.T : pr.T, chunk_size, pr.varlen);
+  return pr;
+}
+
+void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q) {
+  if (!s.has_value()) return;
+  TORCH_CHECK(s->dim() == 4 && s->size(0) == pr.N && s->size(1) == pr.H && s->size(2) == pr.Dk &&
+                  s->size(3) == pr.Dv,
+              "miras: ", name, " must be [N, H, Dk, Dv] = [", pr.N, ", ", pr.H, ", ", pr.Dk, ", ", pr.Dv,
+              "], got ", s->sizes());
+  TORCH_CHECK(s->device() == q.device(), "miras: ", name, " must be on q's device ", q.device(), ", got ",
+              s->device());
+}
+
+MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
+                         double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
+                         int64_t chunk_size) {
+  TORCH_CHECK(bias >= kBiasDot && bias <= kBiasRobust, "miras: unknown bias code ", bias);
+  TORCH_CHECK(retention >= kRetL2 && retention <= kRetLq, "miras: unknown retention code ", retention);
+  MemoryConfig c;
+  c.bias = static_cast<int32_t>(bias);
+  c.retention = static_cast<int32_t>(retention);
+  c.p = p;
+  c.eps = eps;
+  c.bias_param = bias_scalar;
+  c.ret_param = ret_scalar;
+  c.kl_scale = kl_scale;
+  c.q_norm = q_norm;
+  c.eps_q = eps_q;
+  c.scale = scale;
+  c.chunk_size = chunk_size;
+  return c;
+}
+
+const void* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+c10::optional<at::Tensor> opt_to(const c10::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->to(dt).contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------
+// One implementation for CPU and CUDA: only the dtypes and the backend call differ.
+//   CPU:  everything in float32 (float64 when q is float64);
+//   CUDA: q, k, v, o in q's dtype (float32/float16/bfloat16), gates and states float32,
+//         gradients computed in float32 and cast to each input's dtype.
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+struct Types {
+  at::ScalarType io, state;
+};
+
+Types types_for(const at::Tensor& q) {
+  if (q.is_cuda()) {
+    TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
+                          q.scalar_type() == at::kBFloat16,
+                      "miras: CUDA inputs must be float32, float16 or bfloat16, got ", q.scalar_type(),
+                      " (float64 runs on the CPU only)");
+    return {q.scalar_type(), at::kFloat};
+  }
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "miras: unsupported device ", q.device());
+  auto ct = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {ct, ct};
+}
+
+int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    default: TORCH_CHECK_VALUE(false, "miras: unsupported dtype ", t);
+  }
+}
+
+// The forward's inputs converted to the backend's dtypes, and the params filled from them.
+struct Inputs {
+  at::Tensor q, k, v, lr, alpha;
+  c10::optional<at::Tensor> momentum, bias_param, ret_param, X0, P0, A0, cu;
+};
+
+Inputs prepare(const Types& ty, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& lr, const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+               const c10::optional<at::Tensor>& bias_param, const c10::optional<at::Tensor>& ret_param,
+               const c10::optional<at::Tensor>& X0, const c10::optional<at::Tensor>& P0,
+               const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& cu_seqlens) {
+  Inputs in;
+  in.q = q.to(ty.io).contiguous();
+  in.k = k.to(ty.io).contiguous();
+  in.v = v.to(ty.io).contiguous();
+  in.lr = lr.to(ty.state).contiguous();
+  in.alpha = alpha.to(ty.state).contiguous();
+  in.momentum = opt_to(momentum, ty.state);
+  in.bias_param = opt_to(bias_param, ty.state);
+  in.ret_param = opt_to(ret_param, ty.state);
+  in.X0 = opt_to(X0, ty.state);
+  in.P0 = momentum.has_value() ? opt_to(P0, ty.state) : c10::nullopt;
+  in.A0 = opt_to(A0, ty.state);
+  in.cu = opt_to(cu_seqlens, at::kLong);
+  return in;
+}
+
+void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs& in, const MemoryConfig& cfg) {
+  prm.N = pr.N;
+  prm.T = pr.T;
+  prm.H = pr.H;
+  prm.Dk = pr.Dk;
+  prm.Dv = pr.Dv;
+  prm.cu_seqlens = in.cu.has_value() ? in.cu->data_ptr<int64_t>() : nullptr;
+  prm.dtype = dtype_code(ty.io);
+  prm.cfg = cfg;
+  prm.q = in.q.data_ptr();
+  prm.k = in.k.data_ptr();
+  prm.v = in.v.data_ptr();
+  prm.lr = in.lr.data_ptr();
+  prm.alpha = in.alpha.data_ptr();
+  prm.momentum = opt_ptr(in.momentum);
+  prm.bias_param = opt_ptr(in.bias_param);
+  prm.ret_param = opt_ptr(in.ret_param);
+  prm.X0 = opt_ptr(in.X0);
+  prm.P0 = opt_ptr(in.P0);
+  prm.A0 = opt_ptr(in.A0);
+  prm.num_chunk_slots = pr.slots;
+}
+
+void run_fwd(const ChunkFwdParams& prm, const at::Tensor& q) {
+  if (q.is_cuda()) {
+#ifdef MIRAS_WITH_CUDA
+    run_guarded([&] { cuda_fwd(prm, q); });
+#else
+    TORCH_CHECK(false, "miras: this build has no CUDA kernels (built without nvcc or with MIRAS_BUILD_CUDA=0); "
+                       "move the tensors to the CPU or rebuild with CUDA");
+#endif
+  } else {
+    run_guarded([&] { chunk_fwd_cpu(prm); });
+  }
+}
+
+void run_bwd(const ChunkBwdParams& prm, const at::Tensor& q) {
+  if (q.is_cuda()) {
+#ifdef MIRAS_WITH_CUDA
+    run_guarded([&] { cuda_bwd(prm, q); });
+#else
+    TORCH_CHECK(false, "miras: this build has no CUDA kernels");
+#endif
+  } else {
+    run_guarded([&] { chunk_bwd_cpu(prm); });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd_impl(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& lr_,
+    const at::Tensor& alpha_, const c10::optional<at::Tensor>& momentum_,
+    const c10::optional<at::Tensor>& bias_param_, const c10::optional<at::Tensor>& ret_param_,
+    const c10::optional<at::Tensor>& X0_, const c10::optional<at::Tensor>& P0_,
+    const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_, int64_t bias,
+    int64_t retention, double p, double eps, double bias_scalar, double ret_scalar, double kl_scale,
+    double q_norm, double eps_q, double scale, int64_t chunk_size, bool save_states) {
+  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size);
+  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
+  check_state(X0_, "initial_state.X", pr, q_);
+  check_state(P0_, "initial_state.P", pr, q_);
+  check_state(A0_, "initial_state.anchor", pr, q_);
+  const Types ty = types_for(q_);
+  const bool mom = momentum_.has_value();
+  const auto so = q_.options().dtype(ty.state);
+  Inputs in = prepare(ty, q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_, cu_seqlens_);
+
+  at::Tensor o = at::empty({pr.B, pr.T, pr.H, pr.Dv}, q_.options().dtype(ty.io));
+  at::Tensor XT = at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so);
+  at::Tensor AT = at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so);
+  at::Tensor PT = mom ? at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
+  at::Tensor cX = save_states ? at::empty({pr.slots, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
+  at::Tensor cP = (save_states && mom) ? at::empty({pr.slots, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
+
+  ChunkFwdParams prm;
+  fill(prm, pr, ty, in,
+       make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size));
+  prm.o = o.data_ptr();
+  prm.XT = XT.data_ptr();
+  prm.PT = mom ? PT.data_ptr() : nullptr;
+  prm.AT = AT.data_ptr();
+  prm.chunk_X = save_states ? cX.data_ptr() : nullptr;
+  prm.chunk_P = (save_states && mom) ? cP.data_ptr() : nullptr;
+  run_fwd(prm, q_);
+  return {o.to(q_.scalar_type()), XT, PT, AT, cX, cP};
+}
+
+std::vector<at::Tensor> chunk_bwd_impl(
+    const at::Tensor& dO_, const c10::optional<at::Tensor>& dXT_, const c10::optional<at::Tensor>& dPT_,
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& lr_,
+    const at::Tensor& alpha_, const c10::optional<at::Tensor>& momentum_,
+    const c10::optional<at::Tensor>& bias_param_, const c10::optional<at::Tensor>& ret_param_,
+    const c10::optional<at::Tensor>& X0_, const c10::optional<at::Tensor>& P0_,
+    const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_,
+    const at::Tensor& chunk_X_, const at::Tensor& chunk_P_, int64_t bias, int64_t retention, double p,
+    double eps, double bias_scalar, double ret_scalar, double kl_scale, double q_norm, double eps_q,
+    double scale, int64_t chunk_size) {
+  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size);
+  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
+  const Types ty = types_for(q_);
+  const bool mom = momentum_.has_value();
+  TORCH_CHECK_VALUE(dO_.sizes() == at::IntArrayRef({pr.B, pr.T, pr.H, pr.Dv}),
+                    "miras: the gradient of o must have o's shape [B, T, H, Dv], got ", dO_.sizes());
+  TORCH_CHECK_VALUE(chunk_X_.dim() == 4 && chunk_X_.size(0) == pr.slots,
+                    "miras: chunk_bwd needs the forward's saved chunk states (save_states=True)");
+  Inputs in = prepare(ty, q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_, cu_seqlens_);
+  // Gradients are computed in the state dtype (float32 on CUDA; the compute dtype on the CPU).
+  const auto go = q_.options().dtype(ty.state);
+  at::Tensor dO = dO_.to(ty.io).contiguous();
+  auto dXT = opt_to(dXT_, ty.state), dPT = opt_to(dPT_, ty.state);
+  at::Tensor cX = chunk_X_.to(ty.state).contiguous(), cP = chunk_P_.to(ty.state).contiguous();
+
+  ChunkBwdParams b;
+  fill(b.fwd, pr, ty, in,
+       make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size));
+  b.fwd.chunk_X = cX.data_ptr();
+  b.fwd.chunk_P = mom ? cP.data_ptr() : nullptr;
+
+  auto like = [&](const at::Tensor& t) { return at::empty(t.sizes(), go); };
+  auto state = [&] { return at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, go); };
+  at::Tensor none = at::empty({0}, go);
+  at::Tensor dq = like(in.q), dk = like(in.k), dv = like(in.v), dlr = like(in.lr), dalpha = like(in.lr);
+  at::Tensor dmom = mom ? like(in.lr) : none;
+  at::Tensor dbp = in.bias_param.has_value() ? like(in.lr) : none;
+  at::Tensor drp = in.ret_param.has_value() ? like(in.lr) : none;
+  at::Tensor dX0 = state();
+  at::Tensor dP0 = mom ? state() : none;
+  at::Tensor dA0 = in.A0.has_value() ? state() : none;
+  b.dO = dO.data_ptr();
+  b.dXT = opt_ptr(dXT);
+  b.dPT = mom ? opt_ptr(dPT) : nullptr;
+  b.dq = dq.data_ptr();
+  b.dk = dk.data_ptr();
+  b.dv = dv.data_ptr();
+  b.dlr = dlr.data_ptr();
+  b.dalpha = dalpha.data_ptr();
+  b.dmomentum = mom ? dmom.data_ptr() : nullptr;
+  b.dbias_param = in.bias_param.has_value() ? dbp.data_ptr() : nullptr;
+  b.dret_param = in.ret_param.has_value() ? drp.data_ptr() : nullptr;
+  b.dX0 = dX0.data_ptr();
+  b.dP0 = mom ? dP0.data_ptr() : nullptr;
+  b.dA0 = in.A0.has_value() ? dA0.data_ptr() : nullptr;
+  run_bwd(b, q_);
+  auto cast = [](const at::Tensor& g, const at::Tensor& ref) { return g.to(ref.scalar_type()); };
+  return {cast(dq, q_), cast(dk, k_), cast(dv, v_), cast(dlr, lr_), cast(dalpha, alpha_),
+          momentum_.has_value() ? cast(dmom, *momentum_) : dmom,
+          bias_param_.has_value() ? cast(dbp, *bias_param_) : dbp,
+          ret_param_.has_value() ? cast(drp, *ret_param_) : drp,
+          X0_.has_value() ? cast(dX0, *X0_) : dX0,
+          (mom && P0_.has_value()) ? cast(dP0, *P0_) : dP0,
+          A0_.has_value() ? cast(dA0, *A0_) : dA0};
+}
+
+}  // namespace
+
+}  // namespace torch_glue
+}  // namespace miras
+
+TORCH_LIBRARY(miras, m) {
+  m.def(
+      "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor lr, Tensor alpha, Tensor? momentum, Tensor? bias_param, "
+      "Tensor? ret_param, Tensor? X0, Tensor? P0, Tensor? A0, Tensor? cu_seqlens, int bias, int retention, "
+      "float p, float eps, float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, "
+      "float scale, int chunk_size, bool save_states) -> (Tensor o, Tensor XT, Tensor PT, Tensor AT, "
+      "Tensor chunk_X, Tensor chunk_P)");
+  m.def(
+      "chunk_bwd(Tensor dO, Tensor? dXT, Tensor? dPT, Tensor q, Tensor k, Tensor v, Tensor lr, Tensor alpha, "
+      "Tensor? momentum, Tensor? bias_param, Tensor? ret_param, Tensor? X0, Tensor? P0, Tensor? A0, "
+      "Tensor? cu_seqlens, Tensor chunk_X, Tensor chunk_P, int bias, int retention, float p, float eps, "
+      "float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, float scale, "
+      "int chunk_size) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(miras, CPU, m) {
+  m.impl("chunk_fwd", &miras::torch_glue::chunk_fwd_impl);
+  m.impl("chunk_bwd", &miras::torch_glue::chunk_bwd_impl);
+}
+
+#ifdef MIRAS_WITH_CUDA
+TORCH_LIBRARY_IMPL(miras, CUDA, m) {
+  m.impl("chunk_fwd", &miras::torch_glue::chunk_fwd_impl);
+  m.impl("chunk_bwd", &miras::torch_glue::chunk_bwd_impl);
+}
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "miras compiled ops (registered as torch.ops.miras.*)";
+  m.def("has_cuda", []() {
+#ifdef MIRAS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the CUDA kernels were compiled into this build.");
+}

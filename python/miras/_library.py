@@ -1,0 +1,104 @@
+"""torch.library glue: fake (meta) kernels for torch.compile / export, and autograd for chunk_fwd.
+
+The schemas live in C++ (csrc/torch/ops.cpp); importing ``miras._C`` registers them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and the CPU/CUDA kernels)
+
+_N_TENSOR_INPUTS = 12  # q k v lr alpha momentum bias_param ret_param X0 P0 A0 cu_seqlens
+_N_SCALARS = 12  # bias retention p eps bias_scalar ret_scalar kl_scale q_norm eps_q scale chunk_size save
+
+
+def _state_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _num_slots(N, T, C, varlen):
+    return T // C + N if varlen else N * ((T + C - 1) // C)
+
+
+@torch.library.register_fake("miras::chunk_fwd")
+def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens, bias, retention,
+                    p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size, save_states):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    sd = _state_dtype(q)
+    st = q.new_empty((N, H, Dk, Dv), dtype=sd)
+    none = q.new_empty((0,), dtype=sd)
+    slots = _num_slots(N, T, chunk_size, cu_seqlens is not None)
+    o = q.new_empty((B, T, H, Dv))
+    XT, AT = st, q.new_empty((N, H, Dk, Dv), dtype=sd)
+    PT = q.new_empty((N, H, Dk, Dv), dtype=sd) if momentum is not None else none
+    cX = q.new_empty((slots, H, Dk, Dv), dtype=sd) if save_states else q.new_empty((0,), dtype=sd)
+    cP = (q.new_empty((slots, H, Dk, Dv), dtype=sd) if (save_states and momentum is not None)
+          else q.new_empty((0,), dtype=sd))
+    return o, XT, PT, AT, cX, cP
+
+
+@torch.library.register_fake("miras::chunk_bwd")
+def _chunk_bwd_fake(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens,
+                    chunk_X, chunk_P, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q,
+                    scale, chunk_size):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
+    sd = _state_dtype(q)
+
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    def state(ref):
+        return q.new_empty((N, H, Dk, Dv), dtype=ref.dtype if ref is not None else sd)
+
+    none = q.new_empty((0,), dtype=sd)
+    return [
+        like(q), like(k), like(v), like(lr), like(alpha),
+        like(momentum) if momentum is not None else none,
+        like(bias_param) if bias_param is not None else none,
+        like(ret_param) if ret_param is not None else none,
+        state(X0),
+        state(P0) if momentum is not None else none,
+        state(A0) if A0 is not None else none,
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    tensors = inputs[:_N_TENSOR_INPUTS]
+    scalars = inputs[_N_TENSOR_INPUTS:]
+    o, XT, PT, AT, cX, cP = output
+    ctx.save_for_backward(*tensors, cX, cP)
+    ctx.scalars = scalars
+    ctx.o_shape = o.shape
+    ctx.mark_non_differentiable(AT, cX, cP)
+
+
+def _backward(ctx, dO, dXT, dPT, dAT, dcX, dcP):
+    (q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu, cX, cP) = ctx.saved_tensors
+    (bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size,
+     save_states) = ctx.scalars
+    if not save_states:
+        raise RuntimeError("miras: backward through chunk_fwd called with save_states=False; call the op with "
+                           "save_states=True when gradients are needed (memory_update does this for you)")
+    if dO is None:
+        dO = q.new_zeros(ctx.o_shape)
+    if momentum is None:
+        dPT = None
+    grads = torch.ops.miras.chunk_bwd(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0,
+                                      cu, cX, cP, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale,
+                                      q_norm, eps_q, scale, chunk_size)
+    dq, dk, dv, dlr, dalpha, dmom, dbp, drp, dX0, dP0, dA0 = grads
+    return (dq, dk, dv, dlr, dalpha,
+            dmom if momentum is not None else None,
+            dbp if bias_param is not None else None,
+            drp if ret_param is not None else None,
+            dX0 if X0 is not None else None,
+            dP0 if (P0 is not None and momentum is not None) else None,
+            dA0 if A0 is not None else None,
+            None) + (None,) * _N_SCALARS
+
+
+torch.library.register_autograd("miras::chunk_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,355 @@
+"""Functional API: ``memory_update``, ``memory_step`` and the paper's presets.
+
+Validates arguments once (messages name the argument and the fix), builds the op's small
+config, and calls the registered op ``torch.ops.miras.chunk_fwd`` (C++ on the CPU, CUDA kernels on
+the GPU; autograd and fake kernels in ``_library.py``). The math is SPEC.md.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Real
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401  (registers fake kernels and autograd)
+from .state import MemoryState
+
+__all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "BIASES", "RETENTIONS"]
+
+BIASES = ("dot", "l2", "lp", "huber", "robust")
+HUBER_MODES = ("yaad", "coord", "norm")
+RETENTIONS = ("l2", "kl", "elastic_net", "lq")
+_BIAS_CODE = {"dot": 0, "l2": 1, "lp": 2, "robust": 6}
+_HUBER_CODE = {"yaad": 3, "coord": 4, "norm": 5}
+_RET_CODE = {"l2": 0, "kl": 1, "elastic_net": 2, "lq": 3}
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+Param = Union[float, Tensor]
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _fail(msg: str):
+    raise ValueError(f"miras: {msg}")
+
+
+def _check_values(cond: Tensor, msg: str):
+    """A data-dependent check: raises ValueError eagerly; an async assert inside torch.compile."""
+    if _compiling():
+        torch._assert_async(cond.all(), f"miras: {msg}")
+    elif not bool(cond.all()):
+        _fail(msg)
+
+
+def _check_tensor(t, name: str, shape, ref: Tensor):
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        _fail(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != ref.device:
+        _fail(f"{name} is on {t.device} but q is on {ref.device}; move all inputs to one device")
+
+
+def _check_gate(t: Tensor, name: str, lo: float, hi: float, lo_open: bool, hi_open: bool, what: str):
+    x = t.detach()
+    ok = torch.isfinite(x)
+    ok = ok & ((x > lo) if lo_open else (x >= lo))
+    if hi is not None:
+        ok = ok & ((x < hi) if hi_open else (x <= hi))
+    if _compiling():
+        torch._assert_async(ok.all(), f"miras: {name} must lie in {what}")
+        return
+    if not bool(ok.all()):
+        bad = x[~ok]
+        _fail(f"{name} must lie in {what} (SPEC §2); {bad.numel()} value(s) outside, e.g. {bad.flatten()[0].item():.6g}")
+
+
+def _param(value, name: str, shape, ref: Tensor, lo: float, lo_open: bool, check: bool):
+    """A bias/retention parameter: float, or a per-token tensor [B, T, H]. Returns (scalar, tensor)."""
+    what = f"({lo}, inf)" if lo_open else f"[{lo}, inf)"
+    if isinstance(value, Tensor):
+        _check_tensor(value, name, shape, ref)
+        if check:
+            _check_gate(value, name, lo, None, lo_open, False, what)
+        return 1.0, value
+    if not isinstance(value, Real) or isinstance(value, bool):
+        _fail(f"{name} must be a float or a [B, T, H] tensor, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or (v <= lo if lo_open else v < lo):
+        _fail(f"{name} must lie in {what}, got {v}")
+    return v, None
+
+
+def _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size):
+    if bias not in BIASES:
+        _fail(f"bias must be one of {BIASES}, got {bias!r}")
+    if retention not in RETENTIONS:
+        _fail(f"retention must be one of {RETENTIONS}, got {retention!r}")
+    if bias == "huber" and huber_mode not in HUBER_MODES:
+        _fail(f"huber_mode must be one of {HUBER_MODES}, got {huber_mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        _fail(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    for name, val, ok, what in (
+        ("p", p, lambda x: x >= 1, ">= 1"),
+        ("eps", eps, lambda x: x > 0, "> 0"),
+        ("kl_scale", kl_scale, lambda x: x > 0, "> 0"),
+        ("q_norm", q_norm, lambda x: x >= 2, ">= 2"),
+        ("eps_q", eps_q, lambda x: x > 0, "> 0"),
+    ):
+        if not isinstance(val, Real) or isinstance(val, bool) or not math.isfinite(float(val)) or not ok(float(val)):
+            _fail(f"{name} must be a finite float {what}, got {val!r}")
+    code = _HUBER_CODE[huber_mode] if bias == "huber" else _BIAS_CODE[bias]
+    return code, _RET_CODE[retention]
+
+
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _state_tensor(t, name: str, shape, q: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        _fail(f"{name} must have shape [N, H, Dk, Dv] = {list(shape)}, got {list(t.shape)}")
+    if t.device != q.device:
+        _fail(f"{name} is on {t.device} but q is on {q.device}")
+    if t.dtype not in _FLOATS:
+        _fail(f"{name} must be floating point, got {t.dtype}")
+    return t
+
+
+def _cu_seqlens(cu, B: int, T: int, q: Tensor, check: bool) -> Tensor:
+    if not isinstance(cu, Tensor):
+        _fail(f"cu_seqlens must be a 1-D int32/int64 tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        _fail(f"cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        _fail(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {list(cu.shape)}")
+    if B != 1:
+        _fail(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+    cu = cu.to(device=q.device, dtype=torch.int64)
+    if check:
+        _check_values(cu[:1] == 0, "cu_seqlens must start at 0")
+        _check_values(cu[1:] >= cu[:-1], "cu_seqlens must be non-decreasing")
+        _check_values(cu[-1:] == T, f"cu_seqlens must end at T={T} (the packed length)")
+    return cu
+
+
+def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, huber_mode, robust_delta, gamma,
+             kl_scale, q_norm, eps_q, chunk_size, scale, cu_seqlens, check_inputs):
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        _fail(f"q must be a 4-D tensor [B, T, H, Dk], got {getattr(q, 'shape', type(q).__name__)}")
+    B, T, H, Dk = q.shape
+    if not isinstance(v, Tensor) or v.dim() != 4:
+        _fail(f"v must be a 4-D tensor [B, T, H, Dv], got {getattr(v, 'shape', type(v).__name__)}")
+    Dv = v.shape[-1]
+    _check_tensor(q, "q", (B, T, H, Dk), q)
+    _check_tensor(k, "k", (B, T, H, Dk), q)
+    _check_tensor(v, "v", (B, T, H, Dv), q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if Dk < 1 or Dv < 1 or H < 1:
+        _fail(f"head count and head dims must be >= 1, got H={H}, Dk={Dk}, Dv={Dv}")
+    gshape = (B, T, H)
+    _check_tensor(lr, "lr", gshape, q)
+    _check_tensor(alpha, "alpha", gshape, q)
+    if momentum is not None:
+        _check_tensor(momentum, "momentum", gshape, q)
+    if check_inputs:
+        _check_gate(lr, "lr", 0.0, None, False, False, "[0, inf)")
+        _check_gate(alpha, "alpha", 0.0, 1.0, True, False, "(0, 1]")
+        if momentum is not None:
+            _check_gate(momentum, "momentum", 0.0, 1.0, False, True, "[0, 1)")
+    bias_code, ret_code = _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
+    bias_scalar, bias_tensor = 1.0, None
+    if bias == "huber":
+        bias_scalar, bias_tensor = _param(delta, "delta", gshape, q, 0.0, True, check_inputs)
+    elif bias == "robust":
+        bias_scalar, bias_tensor = _param(robust_delta, "robust_delta", gshape, q, 0.0, False, check_inputs)
+    ret_scalar, ret_tensor = 0.0, None
+    if retention == "elastic_net":
+        ret_scalar, ret_tensor = _param(gamma, "gamma", gshape, q, 0.0, False, check_inputs)
+    if scale is None:
+        scale = Dk ** -0.5
+    if not isinstance(scale, Real) or isinstance(scale, bool) or not math.isfinite(float(scale)):
+        _fail(f"scale must be a finite float or None, got {scale!r}")
+    cu = _cu_seqlens(cu_seqlens, B, T, q, check_inputs) if cu_seqlens is not None else None
+    N = cu.numel() - 1 if cu is not None else B
+    cfg = (bias_code, ret_code, float(p), float(eps), bias_scalar, ret_scalar, float(kl_scale), float(q_norm),
+           float(eps_q), float(scale))
+    return dict(B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, cu=cu, bias_tensor=bias_tensor, ret_tensor=ret_tensor, cfg=cfg)
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
+
+
+_MLP_WARNED = False
+
+
+def _mlp_fallback(fn_name, *args, **kwargs):
+    global _MLP_WARNED
+    if not _MLP_WARNED:
+        warnings.warn("miras: memory='mlp' has no fused kernel yet (issue 5); it runs through the PyTorch "
+                      "reference implementation (correct, not fast).", stacklevel=3)
+        _MLP_WARNED = True
+    from . import reference
+
+    return getattr(reference, fn_name)(*args, **kwargs)
+
+
+def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2", retention="l2", p=3.0,
+                  eps=1e-6, delta=1.0, huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0,
+                  eps_q=1e-6, chunk_size=64, scale=None, initial_state: Optional[MemoryState] = None,
+                  output_final_state=False, cu_seqlens=None, ln_weight=None, ln_bias=None,
+                  check_inputs=True) -> Tuple[Tensor, Optional[MemoryState]]:
+    """Chunked Miras memory over a sequence (SPEC §5).
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr, alpha, momentum: [B, T, H].
+    Returns ``(o [B, T, H, Dv], final_state or None)``.
+    """
+    if memory == "mlp":
+        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum, memory=memory, bias=bias,
+                             retention=retention, p=p, eps=eps, delta=delta, huber_mode=huber_mode,
+                             robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
+                             eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=ln_weight,
+                             ln_bias=ln_bias)
+    if memory != "linear":
+        _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    pr = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                  huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
+                  eps_q=eps_q, chunk_size=chunk_size, scale=scale, cu_seqlens=cu_seqlens, check_inputs=check_inputs)
+    N, H, Dk, Dv, T = pr["N"], pr["H"], pr["Dk"], pr["Dv"], pr["T"]
+    sshape = (N, H, Dk, Dv)
+    X0 = P0 = None
+    if initial_state is not None:
+        if not isinstance(initial_state, MemoryState):
+            _fail(f"initial_state must be a miras.MemoryState, got {type(initial_state).__name__}")
+        X0 = _state_tensor(initial_state.X, "initial_state.X", sshape, q)
+        if initial_state.P is not None:
+            if momentum is None:
+                _fail("initial_state.P (a momentum state) is set but momentum is None; pass momentum gates or "
+                      "drop P")
+            P0 = _state_tensor(initial_state.P, "initial_state.P", sshape, q)
+        off = initial_state.offset
+        if not isinstance(off, Tensor) or tuple(off.shape) != (N,):
+            _fail(f"initial_state.offset must be an int tensor of shape [{N}]")
+        if check_inputs:
+            _check_values(off.to(q.device) == 0,
+                          "memory_update needs initial_state.offset == 0 (a state at a chunk boundary); "
+                          "continue a partial chunk with memory_step, or pass the state from a chunk boundary")
+            anchor = initial_state.anchor
+            if anchor is not initial_state.X and not _compiling():
+                _state_tensor(anchor, "initial_state.anchor", sshape, q)
+                if not torch.equal(anchor, initial_state.X):
+                    _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
+                          "anchor is the state itself")
+    out = torch.ops.miras.chunk_fwd(
+        q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0, None, pr["cu"], *pr["cfg"],
+        chunk_size, _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0))
+    o, XT, PT, AT = out[0], out[1], out[2], out[3]
+    if not output_final_state:
+        return o, None
+    C = chunk_size
+    if pr["cu"] is not None:
+        lengths = pr["cu"][1:] - pr["cu"][:-1]
+        offset = lengths % C
+        # At a boundary (offset 0) the anchor is X_T itself, and carries its gradient.
+        anchor = torch.where((offset == 0).view(N, 1, 1, 1), XT, AT)
+    else:
+        offset = torch.full((N,), T % C, dtype=torch.int64, device=q.device)
+        anchor = XT if T % C == 0 else AT
+    return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset)
+
+
+def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
+                memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0, huber_mode="yaad",
+                robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6, scale=None, ln_weight=None,
+                ln_bias=None, check_inputs=True) -> Tuple[Tensor, MemoryState]:
+    """One token per sequence (decoding), SPEC §7. q, k: [B, H, Dk]; v: [B, H, Dv]; gates [B, H].
+
+    Takes the gradient at ``state.anchor``, updates the state, reads after the write, and moves the
+    anchor to the new state when ``offset`` reaches ``chunk_size`` (1 with ``exact=True``).
+    """
+    if memory == "mlp":
+        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, chunk_size=chunk_size,
+                             exact=exact, memory=memory, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                             huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale,
+                             q_norm=q_norm, eps_q=eps_q, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias)
+    if memory != "linear":
+        _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            _fail(f"memory_step: {name} must be [B, H, D] (one token per sequence), got "
+                  f"{list(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not isinstance(state, MemoryState):
+        _fail(f"memory_step: state must be a miras.MemoryState, got {type(state).__name__}")
+    C = 1 if exact else chunk_size
+    if isinstance(C, bool) or not isinstance(C, int) or C < 1:
+        _fail(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+    def tok(t):
+        return t.unsqueeze(1) if isinstance(t, Tensor) else t
+
+    pr = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), bias=bias, retention=retention, p=p,
+                  eps=eps, delta=tok(delta), huber_mode=huber_mode, robust_delta=tok(robust_delta), gamma=tok(gamma),
+                  kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C, scale=scale, cu_seqlens=None,
+                  check_inputs=check_inputs)
+    N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
+    sshape = (N, H, Dk, Dv)
+    X0 = _state_tensor(state.X, "state.X", sshape, q)
+    A0 = _state_tensor(state.anchor, "state.anchor", sshape, q)
+    P0 = None
+    if momentum is not None:
+        P0 = _state_tensor(state.P, "state.P", sshape, q) if state.P is not None else None
+    elif state.P is not None:
+        _fail("state.P (a momentum state) is set but momentum is None")
+    off = state.offset
+    if not isinstance(off, Tensor) or tuple(off.shape) != (N,):
+        _fail(f"state.offset must be an int tensor of shape [{N}]")
+    off = off.to(device=q.device, dtype=torch.int64)
+    if check_inputs:
+        _check_values((off >= 0) & (off < C), f"state.offset must lie in [0, chunk_size={C})")
+    out = torch.ops.miras.chunk_fwd(
+        tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), pr["bias_tensor"], pr["ret_tensor"], X0, P0,
+        A0, None, *pr["cfg"], 1, _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"],
+                                             X0, P0, A0))
+    o, XT, PT = out[0][:, 0], out[1], out[2]
+    new_off = off + 1
+    moved = new_off >= C
+    anchor = torch.where(moved.view(N, 1, 1, 1), XT, A0.to(XT.dtype))
+    new_off = torch.where(moved, torch.zeros_like(new_off), new_off)
+    return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=new_off)
+
+
+# ---- presets (the paper's models as points of the design space) ---------------------------------
+def moneta(q, k, v, lr, alpha, momentum=None, *, p=3.0, q_norm=4.0, **kw):
+    """Moneta: lp attentional bias (p=3) and lq retention (q=4) (paper §5.1). memory defaults to 'linear'
+    here; the paper's layer uses memory='mlp'."""
+    return memory_update(q, k, v, lr, alpha, momentum, bias="lp", retention="lq", p=p, q_norm=q_norm, **kw)
+
+
+def yaad(q, k, v, lr, alpha, momentum=None, *, delta=1.0, huber_mode="yaad", **kw):
+    """Yaad: Huber attentional bias (Eq. 16) with l2 retention (decay) (paper §5.1)."""
+    return memory_update(q, k, v, lr, alpha, momentum, bias="huber", retention="l2", delta=delta,
+                         huber_mode=huber_mode, **kw)
+
+
+def memora(q, k, v, lr, alpha, momentum=None, *, kl_scale=1.0, **kw):
+    """Memora: l2 attentional bias with KL (softmax) retention (paper §5.1)."""
+    return memory_update(q, k, v, lr, alpha, momentum, bias="l2", retention="kl", kl_scale=kl_scale, **kw)
+
+
+def titans(q, k, v, lr, alpha, momentum, **kw):
+    """Titans-style linear memory: l2 bias, l2 retention (alpha = 1 - forget gate) and momentum."""
+    if momentum is None:
+        _fail("titans needs momentum gates [B, T, H] (use memory_update for plain gradient descent)")
+    return memory_update(q, k, v, lr, alpha, momentum, bias="l2", retention="l2", **kw)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine with only Python and this repository.
+#   ./run.sh test    set up (venv, torch, build) and run the whole test suite   (CI runs this)
+#   ./run.sh bench   set up and run the main job: the quick CPU benchmark table
+#   ./run.sh setup   only set up
+# Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1),
+# MIRAS_BUILD_CUDA (auto), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS.
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${MIRAS_VENV:-.venv}
+TORCH_SPEC=${MIRAS_TORCH:-torch==2.14.1}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  local py="$VENV/bin/python"
+  if ! "$py" -c "import torch" 2>/dev/null; then
+    "$py" -m pip install -q --upgrade pip
+    "$py" -m pip install -q "$TORCH_SPEC"
+  fi
+  "$py" -m pip install -q setuptools wheel ninja pytest numpy hypothesis "nvidia-cutlass==4.2.0.0"
+  # nvcc: prefer the real toolkit over wrappers on PATH.
+  if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+  if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi
+  # A compiler cache makes rebuilds (CI on the same machine) fast; used when present.
+  if command -v ccache >/dev/null 2>&1; then
+    export CC="ccache gcc" CXX="ccache g++"
+    [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
+  fi
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  "$py" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v -E "^(WARNING: Location|  Running)" || true
+  "$py" -c "import miras; print('miras', miras.__version__, 'cuda kernels built:', miras.has_cuda_kernels())"
+}
+
+case "${1:-test}" in
+  setup) setup ;;
+  test)
+    setup
+    shift || true
+    "$VENV/bin/python" -m pytest -q -x "$@" tests
+    ;;
+  bench)
+    setup
+    "$VENV/bin/python" bench/bench_cpu.py --quick
+    ;;
+  *) echo "usage: $0 [test|bench|setup]" >&2; exit 2 ;;
+esac
