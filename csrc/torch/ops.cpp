@@ -224,8 +224,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor XT = at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so);
   at::Tensor AT = at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so);
   at::Tensor PT = mom ? at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
-  at::Tensor cX = save_states ? at::empty({pr.slots, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
-  at::Tensor cP = (save_states && mom) ? at::empty({pr.slots, pr.H, pr.Dk, pr.Dv}, so) : at::empty({0}, so);
+  // With cu_seqlens the slot count is an upper bound (shapes must not depend on values): zero the
+  // slots so that unused ones are deterministic.
+  auto slots = [&] {
+    return pr.varlen ? at::zeros({pr.slots, pr.H, pr.Dk, pr.Dv}, so) : at::empty({pr.slots, pr.H, pr.Dk, pr.Dv}, so);
+  };
+  at::Tensor cX = save_states ? slots() : at::empty({0}, so);
+  at::Tensor cP = (save_states && mom) ? slots() : at::empty({0}, so);
 
   ChunkFwdParams prm;
   fill(prm, pr, ty, in,
@@ -236,6 +241,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   prm.AT = AT.data_ptr();
   prm.chunk_X = save_states ? cX.data_ptr() : nullptr;
   prm.chunk_P = (save_states && mom) ? cP.data_ptr() : nullptr;
+  if (pr.B * pr.T == 0) {
+    // No tokens: the state passes through. (Handled here because empty tensors may have null data
+    // pointers, and a null momentum pointer means "no momentum" to the backends.)
+    auto init = [&](const c10::optional<at::Tensor>& s, at::Tensor& out) {
+      if (s.has_value()) out.copy_(*s); else out.zero_();
+    };
+    init(in.X0, XT);
+    if (mom) init(in.P0, PT);
+    if (in.A0.has_value()) AT.copy_(*in.A0); else AT.copy_(XT);
+    return {o, XT, PT, AT, cX, cP};
+  }
   run_fwd(prm, q_);
   return {o.to(q_.scalar_type()), XT, PT, AT, cX, cP};
 }
@@ -273,14 +289,14 @@ std::vector<at::Tensor> chunk_bwd_impl(
 
   auto like = [&](const at::Tensor& t) { return at::empty(t.sizes(), go); };
   auto state = [&] { return at::empty({pr.N, pr.H, pr.Dk, pr.Dv}, go); };
-  at::Tensor none = at::empty({0}, go);
+  auto none = [&] { return at::empty({0}, go); };  // a fresh one per absent output: outputs never alias
   at::Tensor dq = like(in.q), dk = like(in.k), dv = like(in.v), dlr = like(in.lr), dalpha = like(in.lr);
-  at::Tensor dmom = mom ? like(in.lr) : none;
-  at::Tensor dbp = in.bias_param.has_value() ? like(in.lr) : none;
-  at::Tensor drp = in.ret_param.has_value() ? like(in.lr) : none;
+  at::Tensor dmom = mom ? like(in.lr) : none();
+  at::Tensor dbp = in.bias_param.has_value() ? like(in.lr) : none();
+  at::Tensor drp = in.ret_param.has_value() ? like(in.lr) : none();
   at::Tensor dX0 = state();
-  at::Tensor dP0 = mom ? state() : none;
-  at::Tensor dA0 = in.A0.has_value() ? state() : none;
+  at::Tensor dP0 = mom ? state() : none();
+  at::Tensor dA0 = in.A0.has_value() ? state() : none();
   b.dO = dO.data_ptr();
   b.dXT = opt_ptr(dXT);
   b.dPT = mom ? opt_ptr(dPT) : nullptr;
@@ -295,7 +311,13 @@ std::vector<at::Tensor> chunk_bwd_impl(
   b.dX0 = dX0.data_ptr();
   b.dP0 = mom ? dP0.data_ptr() : nullptr;
   b.dA0 = in.A0.has_value() ? dA0.data_ptr() : nullptr;
-  run_bwd(b, q_);
+  if (pr.B * pr.T == 0) {  // no tokens: the state's gradient passes through
+    if (dXT.has_value()) dX0.copy_(*dXT); else dX0.zero_();
+    if (mom) { if (dPT.has_value()) dP0.copy_(*dPT); else dP0.zero_(); }
+    if (in.A0.has_value()) dA0.zero_();
+  } else {
+    run_bwd(b, q_);
+  }
   auto cast = [](const at::Tensor& g, const at::Tensor& ref) { return g.to(ref.scalar_type()); };
   return {cast(dq, q_), cast(dk, k_), cast(dv, v_), cast(dlr, lr_), cast(dalpha, alpha_),
           momentum_.has_value() ? cast(dmom, *momentum_) : dmom,

@@ -54,15 +54,17 @@ def _chunk_bwd_fake(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_
     def state(ref):
         return q.new_empty((N, H, Dk, Dv), dtype=ref.dtype if ref is not None else sd)
 
-    none = q.new_empty((0,), dtype=sd)
+    def none():  # a fresh tensor per absent output: outputs never alias
+        return q.new_empty((0,), dtype=sd)
+
     return [
         like(q), like(k), like(v), like(lr), like(alpha),
-        like(momentum) if momentum is not None else none,
-        like(bias_param) if bias_param is not None else none,
-        like(ret_param) if ret_param is not None else none,
+        like(momentum) if momentum is not None else none(),
+        like(bias_param) if bias_param is not None else none(),
+        like(ret_param) if ret_param is not None else none(),
         state(X0),
-        state(P0) if momentum is not None else none,
-        state(A0) if A0 is not None else none,
+        state(P0) if momentum is not None else none(),
+        state(A0) if A0 is not None else none(),
     ]
 
 

@@ -252,22 +252,93 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l
                 if not torch.equal(anchor, initial_state.X):
                     _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
                           "anchor is the state itself")
+    grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0)
+    C = chunk_size
+    if output_final_state and grad and not _compiling():
+        # The final anchor of a sequence that ends inside a chunk is the state at its last chunk
+        # boundary. For its gradient to be exact, run the op up to that boundary and from there
+        # on (two calls, no extra work), so the anchor is an output at a chunk boundary.
+        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C,
+                                     dict(bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                                          huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma,
+                                          kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C,
+                                          scale=pr["cfg"][-1], check_inputs=False))
+        if split is not None:
+            return split
     out = torch.ops.miras.chunk_fwd(
         q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0, None, pr["cu"], *pr["cfg"],
-        chunk_size, _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0))
+        chunk_size, grad)
     o, XT, PT, AT = out[0], out[1], out[2], out[3]
     if not output_final_state:
         return o, None
-    C = chunk_size
     if pr["cu"] is not None:
         lengths = pr["cu"][1:] - pr["cu"][:-1]
         offset = lengths % C
-        # At a boundary (offset 0) the anchor is X_T itself, and carries its gradient.
+        # At a boundary (offset 0) the anchor is X_T itself, and carries its gradient; a sequence
+        # shorter than one chunk keeps the initial state as its anchor.
         anchor = torch.where((offset == 0).view(N, 1, 1, 1), XT, AT)
+        if X0 is not None:
+            anchor = torch.where((lengths < C).view(N, 1, 1, 1), X0.to(XT.dtype), anchor)
     else:
         offset = torch.full((N,), T % C, dtype=torch.int64, device=q.device)
-        anchor = XT if T % C == 0 else AT
+        if T % C == 0:
+            anchor = XT
+        elif T < C and X0 is not None:
+            anchor = X0.to(XT.dtype)
+        else:
+            anchor = AT
     return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset)
+
+
+def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw):
+    """memory_update as two calls, [start, last boundary) and [last boundary, end), per sequence.
+
+    Returns None when no sequence needs it (each ends on a boundary or inside its first chunk).
+    """
+    T, cu = pr["T"], pr["cu"]
+    params = {name: kw[name] for name in ("delta", "robust_delta", "gamma")}
+    if cu is None:
+        t0 = (T // C) * C
+        if t0 == 0 or t0 == T:
+            return None
+
+        def part(x, a, b):
+            return x[:, a:b] if isinstance(x, Tensor) else x
+
+        def run(a, b, state):
+            extra = {n: part(val, a, b) for n, val in params.items()}
+            return memory_update(part(q, a, b), part(k, a, b), part(v, a, b), part(lr, a, b), part(alpha, a, b),
+                                 part(momentum, a, b), initial_state=state, output_final_state=True,
+                                 **{**kw, **extra})
+
+        o1, s1 = run(0, t0, initial_state)
+        o2, s2 = run(t0, T, s1)
+        return torch.cat([o1, o2], dim=1), MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset)
+    lengths = cu[1:] - cu[:-1]
+    if bool(((lengths % C == 0) | (lengths < C)).all()):
+        return None
+    pre = (lengths // C) * C
+    seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
+    pos = torch.arange(T, device=cu.device) - cu[seg]
+    is_pre = pos < pre[seg]
+    idx_pre, idx_suf = is_pre.nonzero().flatten(), (~is_pre).nonzero().flatten()
+    zero = cu.new_zeros(1)
+    cu_pre = torch.cat([zero, pre.cumsum(0)])
+    cu_suf = torch.cat([zero, (lengths - pre).cumsum(0)])
+
+    def run(idx, cu_part, state):
+        def take(x):
+            return x.index_select(1, idx) if isinstance(x, Tensor) else x
+
+        extra = {n: take(val) for n, val in params.items()}
+        return memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum), initial_state=state,
+                             output_final_state=True, cu_seqlens=cu_part, **{**kw, **extra})
+
+    o1, s1 = run(idx_pre, cu_pre, initial_state)
+    o2, s2 = run(idx_suf, cu_suf, s1)
+    o = torch.zeros((q.shape[0], T) + tuple(o1.shape[2:]), dtype=o1.dtype, device=o1.device)
+    o = o.index_copy(1, idx_pre, o1).index_copy(1, idx_suf, o2)
+    return o, MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset)
 
 
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,

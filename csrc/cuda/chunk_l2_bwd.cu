@@ -1,0 +1,750 @@
+// miras/cuda/chunk_l2_bwd.cu — backward of the chunked dual form (retention l2, linear memory,
+// every bias, optional momentum; KERNELS.md §1, §3).
+//
+// Two kernels (CHUNK_L2_NOTES.md):
+//   miras_chunk_l2_bwd_state  grid (H*N*NV), reverse over chunks, one 64-wide value tile per CTA
+//                             (NV = Dv/64 CTAs of one head form a cluster that reduces the row
+//                             sums of the psi VJP, dlr and dbias_param through distributed shared
+//                             memory). Carries dW (and dP) in float32 wmma fragments; per chunk it
+//                             saves the carry arriving at the chunk end (dW_C, dP_C), recomputes
+//                             E, computes dPsi~, the psi VJP (dE), writes dv, dlr, dbias_param and
+//                             Psi~, dE (input dtype) to the workspace, then
+//                             dW <- Q~^T diag(g) dO + g_C dW + K^T dE, dP <- Q~^T diag(f) dO + f_C dW + e^{d_C} dP.
+//                             Ends with dX0 (and dP0).
+//   miras_chunk_l2_bwd_chunk  grid (slots, H), one chunk per CTA, everything local to a chunk given
+//                             W0, P0 (saved by the forward) and dW_C, dP_C: dq, dk, dalpha, dmomentum.
+#include <cooperative_groups.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "chunk_l2_common.cuh"
+#include "kernels.h"
+
+namespace miras {
+namespace cuda {
+namespace cl2 {
+
+namespace cg = cooperative_groups;
+
+// ---- reverse state-gradient kernel ----------------------------------------------------------------
+template <int DK>
+struct BwdStateSmem {
+  size_t Q, K, dO, RW, RWl, dPb, E, RS, dE, GdO, FdO, G, Lg, Lb, F, X, DPsi, A, al, be, lr, bp, gam, Eb, fv, Fl, Lbl,
+      psumsq, pedpsi, pdlr, pdbp, scratch, total;
+  MIRAS_HD BwdStateSmem(int C) {
+    Carve c;
+    const size_t cc4 = (sizeof(float) * C * C + 127) & ~size_t(127);
+    const size_t cv2 = (sizeof(uint16_t) * C * kBV + 127) & ~size_t(127);
+    const size_t cv4 = (sizeof(float) * C * kBV + 127) & ~size_t(127);
+    Q = c.take(sizeof(uint16_t) * C * DK);
+    K = c.take(sizeof(uint16_t) * C * DK);
+    dO = c.take(sizeof(uint16_t) * C * kBV);
+    RW = c.take(sizeof(uint16_t) * DK * kBV);  // W0 (T) for E, then the T copy of dW_C
+    RWl = c.take(sizeof(uint16_t) * DK * kBV);  // lo half of W0 (split biases)
+    dPb = c.take(sizeof(uint16_t) * DK * kBV);
+    E = c.take(sizeof(float) * C * kBV);
+    // RS: S = Q K^T (fp32 C x C) until A is built, then dE and g*dO (T, C x kBV each).
+    RS = c.take(cc4 > 2 * cv2 ? cc4 : 2 * cv2);
+    dE = RS;
+    GdO = RS + cv2;
+    FdO = c.take(sizeof(uint16_t) * C * kBV);
+    // G: Lg, Lb, F (fp32 C x C each) until A is built, then X and dPsi~ (fp32 C x kBV each).
+    G = c.take(3 * cc4 > 2 * cv4 ? 3 * cc4 : 2 * cv4);
+    Lg = G;
+    Lb = G + cc4;
+    F = G + 2 * cc4;
+    X = G;
+    DPsi = G + cv4;
+    A = c.take(sizeof(uint16_t) * C * C);
+    al = c.take(sizeof(float) * C);
+    be = c.take(sizeof(float) * C);
+    lr = c.take(sizeof(float) * C);
+    bp = c.take(sizeof(float) * C);
+    gam = c.take(sizeof(float) * C);
+    Eb = c.take(sizeof(float) * C);
+    fv = c.take(sizeof(float) * C);
+    Fl = c.take(sizeof(float) * C);
+    Lbl = c.take(sizeof(float) * C);
+    psumsq = c.take(sizeof(float) * C);
+    pedpsi = c.take(sizeof(float) * C);
+    pdlr = c.take(sizeof(float) * C);
+    pdbp = c.take(sizeof(float) * C);
+    scratch = c.take(sizeof(float) * 256 * kWarps);
+    total = c.off;
+  }
+};
+
+struct BwdPtrs {
+  float* dWC;   // [slots, H, Dk, Dv] carry arriving at each chunk's end
+  float* dPC;   // same, momentum (nullptr without)
+  void* psi;    // [total, H, Dv] Psi~ (input dtype)
+  void* dE;     // [total, H, Dv] dE (input dtype)
+  const float* chunkX;
+  const float* chunkP;
+};
+
+template <typename T, int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    miras_chunk_l2_bwd_state(const ChunkBwdParams bp_, const BwdPtrs w, const int use_cluster) {
+  constexpr int NV = DV / kBV;
+  const ChunkFwdParams& p = bp_.fwd;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int C = static_cast<int>(p.cfg.chunk_size);
+  const BwdStateSmem<DK> L(C);
+  T* sQ = reinterpret_cast<T*>(smem + L.Q);
+  T* sK = reinterpret_cast<T*>(smem + L.K);
+  T* sdO = reinterpret_cast<T*>(smem + L.dO);
+  T* sRW = reinterpret_cast<T*>(smem + L.RW);
+  T* sRWl = reinterpret_cast<T*>(smem + L.RWl);
+  T* sdPb = reinterpret_cast<T*>(smem + L.dPb);
+  float* sE = reinterpret_cast<float*>(smem + L.E);
+  float* sS = reinterpret_cast<float*>(smem + L.RS);
+  T* sdE = reinterpret_cast<T*>(smem + L.dE);
+  T* sGdO = reinterpret_cast<T*>(smem + L.GdO);
+  T* sFdO = reinterpret_cast<T*>(smem + L.FdO);
+  float* sLg = reinterpret_cast<float*>(smem + L.Lg);
+  float* sLb = reinterpret_cast<float*>(smem + L.Lb);
+  float* sF = reinterpret_cast<float*>(smem + L.F);
+  float* sX = reinterpret_cast<float*>(smem + L.X);
+  float* sDPsi = reinterpret_cast<float*>(smem + L.DPsi);
+  T* sA = reinterpret_cast<T*>(smem + L.A);
+  float* sal = reinterpret_cast<float*>(smem + L.al);
+  float* sbe = reinterpret_cast<float*>(smem + L.be);
+  float* slr = reinterpret_cast<float*>(smem + L.lr);
+  float* sbp = reinterpret_cast<float*>(smem + L.bp);
+  float* sgam = reinterpret_cast<float*>(smem + L.gam);
+  float* sEb = reinterpret_cast<float*>(smem + L.Eb);
+  float* sfv = reinterpret_cast<float*>(smem + L.fv);
+  float* sFl = reinterpret_cast<float*>(smem + L.Fl);
+  float* sLbl = reinterpret_cast<float*>(smem + L.Lbl);
+  float* psumsq = reinterpret_cast<float*>(smem + L.psumsq);
+  float* pedpsi = reinterpret_cast<float*>(smem + L.pedpsi);
+  float* pdlr = reinterpret_cast<float*>(smem + L.pdlr);
+  float* pdbp = reinterpret_cast<float*>(smem + L.pdbp);
+  float* scratch = reinterpret_cast<float*>(smem + L.scratch) + 256 * (threadIdx.x >> 5);
+
+  const int rank = blockIdx.x % NV;  // value tile; == cluster rank when launched as a cluster
+  const int64_t nh = blockIdx.x / NV;
+  const int64_t H = p.H;
+  const int64_t n = nh / H, h = nh % H;
+  const int v0 = rank * kBV;
+  const int64_t bos = seq_begin(p.cu_seqlens, n, p.T);
+  const int64_t Lseq = seq_len(p.cu_seqlens, n, p.T);
+  const int64_t nc = num_chunks(Lseq, C);
+  const int64_t base = chunk_base(p.cu_seqlens, n, p.T, C);
+  const bool has_mom = p.momentum != nullptr;
+  const int kind = p.cfg.bias;
+  const bool norm = bias_needs_row_norm(kind);
+  const bool need_ed = bias_needs_edpsi(kind);
+  const bool use_v = bias_psi_uses_v(kind);
+  const bool split = bias_needs_split(kind);
+  const float scale = static_cast<float>(p.cfg.scale);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t state_off = (n * H + h) * DK * DV + v0;
+
+  const T* gq = static_cast<const T*>(p.q);
+  const T* gk = static_cast<const T*>(p.k);
+  const T* gv = static_cast<const T*>(p.v);
+  const T* gdO = static_cast<const T*>(bp_.dO);
+  T* psi_ws = static_cast<T*>(w.psi);
+  T* dE_ws = static_cast<T*>(w.dE);
+  float* gdv = static_cast<float*>(bp_.dv);
+  float* gdlr = static_cast<float*>(bp_.dlr);
+  float* gdbp = static_cast<float*>(bp_.dbias_param);
+
+  // peer arrays of the other value tile (cluster of 2), nullptr when alone
+  const float *peer_sumsq = nullptr, *peer_ed = nullptr, *peer_dlr = nullptr, *peer_dbp = nullptr;
+  if (use_cluster) {
+    cg::cluster_group cluster = cg::this_cluster();
+    const int other = static_cast<int>(cluster.block_rank() ^ 1u);
+    peer_sumsq = cluster.map_shared_rank(psumsq, other);
+    peer_ed = cluster.map_shared_rank(pedpsi, other);
+    peer_dlr = cluster.map_shared_rank(pdlr, other);
+    peer_dbp = cluster.map_shared_rank(pdbp, other);
+  }
+  auto xsync = [&]() {
+    if (use_cluster)
+      cg::this_cluster().sync();
+    else
+      __syncthreads();
+  };
+
+  StateTiles<DK> dW, dP;
+  if (bp_.dXT)
+    dW.load_global(static_cast<const float*>(bp_.dXT) + state_off, DV, scratch);
+  else
+    dW.zero();
+  if (has_mom && bp_.dPT)
+    dP.load_global(static_cast<const float*>(bp_.dPT) + state_off, DV, scratch);
+  else
+    dP.zero();
+
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const int64_t t0 = c * C;
+    const int len = static_cast<int>(Lseq - t0 < C ? Lseq - t0 : C);
+    const int last = len - 1;
+    const int64_t row0 = (bos + t0) * H + h;
+    const int64_t slot_off = ((base + c) * H + h) * DK * DV + v0;
+
+    // 1. save the carry (gradient arriving at this chunk's end); loads.
+    dW.template store<T>(w.dWC + slot_off, DV, nullptr, scratch);
+    if (has_mom) dP.template store<T>(w.dPC + slot_off, DV, nullptr, scratch);
+    load_tile_t<T>(sQ, DK, gq + row0 * DK, H * DK, C, len, DK);
+    load_tile_t<T>(sK, DK, gk + row0 * DK, H * DK, C, len, DK);
+    load_tile_t<T>(sdO, kBV, gdO + row0 * DV + v0, H * DV, C, len, kBV);
+    load_tile_f2t<T>(sRW, kBV, w.chunkX + slot_off, DV, DK, kBV);
+    if (split) load_tile_f2t_lo<T>(sRWl, kBV, w.chunkX + slot_off, DV, DK, kBV);
+    load_tile_t2f<T>(sE, kBV, gv + row0 * DV + v0, H * DV, C, len, kBV, -1.f);
+    load_gates(p, row0, H, C, len, sal, sbe, slr, sbp);
+    __syncthreads();
+
+    // 2. gates; S = Q K^T (unscaled); E = K W0 - V.
+    gate_mats(C, sal, sbe, sLg, sLb, sF, sgam, sEb, sfv);
+    block_gemm<T, true, false>(C, C, DK, sQ, DK, sK, DK, sS, C, false);
+    block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRW, kBV, sE, kBV, true);
+    if (split) block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRWl, kBV, sE, kBV, true);
+    __syncthreads();
+
+    // 3. sA = -(F o Q~K^T); last rows of F, Lb; T copies of the carry (RW now holds dW_C).
+    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) sA[idx] = to_t<T>(-scale * sF[idx] * sS[idx]);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+      sFl[i] = sF[last * C + i];
+      sLbl[i] = sLb[last * C + i];
+    }
+    dW.store(static_cast<float*>(nullptr), 0, sRW, scratch);
+    if (has_mom) dP.store(static_cast<float*>(nullptr), 0, sdPb, scratch);
+    __syncthreads();
+
+    // 4. dPsi~ = -A^T dO - diag(F_C) K dW_C - diag(Lb_C) K dP_C   (G now holds X, dPsi~)
+    block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRW, kBV, sX, kBV, false);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) sDPsi[idx] = -sFl[idx / kBV] * sX[idx];
+    __syncthreads();
+    if (has_mom) {
+      block_gemm<T, true, true>(C, kBV, DK, sK, DK, sdPb, kBV, sX, kBV, false);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) sDPsi[idx] -= sLbl[idx / kBV] * sX[idx];
+      __syncthreads();
+    }
+    block_gemm<T, false, true>(C, kBV, C, sA, C, sdO, kBV, sDPsi, kBV, true);
+    __syncthreads();
+
+    // 5. psi VJP per row (a warp per row; row sums across the cluster).
+    if (norm) {
+      for (int r = warp; r < C; r += kWarps) {
+        float s = 0.f;
+        for (int j = lane; j < kBV; j += 32) s += sE[r * kBV + j] * sE[r * kBV + j];
+        s = warp_sum(s);
+        if (lane == 0) psumsq[r] = s;
+      }
+      xsync();
+      if (need_ed) {
+        for (int r = warp; r < C; r += kWarps) {  // edpsi = sum_j e_j dpsi_j, dpsi = lr dPsi~
+          float s = 0.f;
+          for (int j = lane; j < kBV; j += 32) s += sE[r * kBV + j] * (slr[r] * sDPsi[r * kBV + j]);
+          s = warp_sum(s);
+          if (lane == 0) pedpsi[r] = s;
+        }
+        xsync();
+      }
+    }
+    for (int r = warp; r < C; r += kWarps) {
+      const float sumsq = norm ? psumsq[r] + (peer_sumsq ? peer_sumsq[r] : 0.f) : 0.f;
+      const float edpsi = need_ed ? pedpsi[r] + (peer_ed ? peer_ed[r] : 0.f) : 0.f;
+      const BiasArgs<float> ba = bias_args<float>(p, sbp[r]);
+      const float eta = slr[r];
+      const int64_t grow = row0 + (int64_t)r * H;  // token row (valid when r < len)
+      float pl = 0.f, pb = 0.f;
+      for (int j = lane; j < kBV; j += 32) {
+        const int idx = r * kBV + j;
+        float de = 0.f;
+        if (r < len) {
+          const float e = sE[idx];
+          const float vv = use_v ? to_f(gv[grow * DV + v0 + j]) : 0.f;
+          const float ps = bias_psi(ba, e, vv, sumsq);
+          const float dps = sDPsi[idx];
+          const float dpsi = eta * dps;
+          de = bias_vjp_e(ba, e, dpsi, sumsq, edpsi);
+          pl += dps * ps;
+          pb += bias_vjp_param(ba, e, dpsi, sumsq);
+          gdv[grow * DV + v0 + j] = -de - (use_v ? dpsi : 0.f);
+          psi_ws[grow * DV + v0 + j] = to_t<T>(eta * ps);
+          dE_ws[grow * DV + v0 + j] = to_t<T>(de);
+        }
+        sdE[idx] = to_t<T>(de);
+        const float dov = to_f(sdO[idx]);
+        sGdO[idx] = to_t<T>(scale * sgam[r] * dov);
+        sFdO[idx] = to_t<T>(scale * sfv[r] * dov);
+      }
+      pl = warp_sum(pl);
+      pb = warp_sum(pb);
+      if (lane == 0) {
+        pdlr[r] = pl;
+        pdbp[r] = pb;
+      }
+    }
+    xsync();
+    if (rank == 0) {
+      for (int r = threadIdx.x; r < len; r += blockDim.x) {
+        const int64_t grow = row0 + (int64_t)r * H;
+        gdlr[grow] = pdlr[r] + (peer_dlr ? peer_dlr[r] : 0.f);
+        if (gdbp) gdbp[grow] = pdbp[r] + (peer_dbp ? peer_dbp[r] : 0.f);
+      }
+    }
+    xsync();  // the peer has read our partial sums
+
+    // 6. carry: dP <- e^{d_C} dP + f_C dW + Q~^T diag(f) dO;  dW <- g_C dW + Q~^T diag(g) dO + K^T dE.
+    {
+      const float gl = sgam[last], fl = sfv[last], el = sEb[last];
+#pragma unroll
+      for (int r = 0; r < StateTiles<DK>::TPW; ++r) {
+        for (int e = 0; e < dW.f[r].num_elements; ++e) {
+          if (has_mom) dP.f[r].x[e] = el * dP.f[r].x[e] + fl * dW.f[r].x[e];
+          dW.f[r].x[e] = gl * dW.f[r].x[e];
+        }
+      }
+      dW.add_at_b(C, sQ, DK, sGdO);
+      dW.add_at_b(C, sK, DK, sdE);
+      if (has_mom) dP.add_at_b(C, sQ, DK, sFdO);
+    }
+    __syncthreads();
+  }
+
+  if (bp_.dX0) dW.template store<T>(static_cast<float*>(bp_.dX0) + state_off, DV, nullptr, scratch);
+  if (has_mom && bp_.dP0) dP.template store<T>(static_cast<float*>(bp_.dP0) + state_off, DV, nullptr, scratch);
+}
+
+// ---- per-chunk gradient kernel --------------------------------------------------------------------
+constexpr int kKT = 64;  // Dk tile of the dq/dk loop
+
+template <int DK, int DV>
+struct BwdChunkSmem {
+  size_t Q, K, dO, Psi, dE, Z, F, S, DS, St, Y, dQt, dKt, dRg, dRb, Mg, Mb, Lg, Lb, GF, M, al, be, gam, Eb, fv,
+      Fl, Lbl, Gg, Gf, r1, r2, red, total;
+  MIRAS_HD BwdChunkSmem(int C) {
+    Carve c;
+    auto a128 = [](size_t b) { return (b + 127) & ~size_t(127); };
+    const size_t cc4 = a128(sizeof(float) * C * C);
+    // region In (phases A-B) followed by region Z; phase C overlays both.
+    const size_t in0 = c.off;
+    Q = c.take(sizeof(uint16_t) * C * DK);
+    K = c.take(sizeof(uint16_t) * C * DK);
+    dO = c.take(sizeof(uint16_t) * C * DV);
+    Psi = c.take(sizeof(uint16_t) * C * DV);
+    dE = c.take(sizeof(uint16_t) * C * DV);
+    const size_t zA = 3 * cc4;
+    const size_t st = a128(sizeof(uint16_t) * kKT * DV), ct = a128(sizeof(float) * C * kKT);
+    const size_t zB = st + 3 * ct;
+    Z = c.take(zA > zB ? zA : zB);
+    F = Z;
+    S = Z + cc4;
+    DS = Z + 2 * cc4;
+    St = Z;
+    Y = Z + st;
+    dQt = Y + ct;
+    dKt = dQt + ct;
+    const size_t crr = a128(sizeof(float) * C * (C + 1));
+    const size_t needC = 4 * crr;
+    if (c.off - in0 < needC) c.off = in0 + ((needC + 127) & ~size_t(127));
+    dRg = in0;
+    dRb = in0 + crr;
+    Mg = in0 + 2 * crr;
+    Mb = in0 + 3 * crr;
+    Lg = c.take(sizeof(float) * C * C);
+    Lb = c.take(sizeof(float) * C * C);
+    GF = c.take(sizeof(float) * C * C);
+    M = c.take(sizeof(uint16_t) * C * C);
+    al = c.take(sizeof(float) * C);
+    be = c.take(sizeof(float) * C);
+    gam = c.take(sizeof(float) * C);
+    Eb = c.take(sizeof(float) * C);
+    fv = c.take(sizeof(float) * C);
+    Fl = c.take(sizeof(float) * C);
+    Lbl = c.take(sizeof(float) * C);
+    Gg = c.take(sizeof(float) * C);
+    Gf = c.take(sizeof(float) * C);
+    r1 = c.take(sizeof(float) * C);
+    r2 = c.take(sizeof(float) * C);
+    red = c.take(sizeof(float) * 4 * kWarps);
+    total = c.off;
+  }
+};
+
+// Row-wise: for each row t (a warp per row), Y[t][a] (a < kKT): acc[t] += mul * sum_a Y[t][a] * Xr[t][k0 + a],
+// and D[t][a] += coef[t] * Y[t][a] (when D).
+template <typename T>
+__device__ __forceinline__ void rows_dot_axpy(int C, const float* Y, const T* Xr, int ldx, float mul, float* acc,
+                                              float* D, const float* coef, float csign) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int t = warp; t < C; t += kWarps) {
+    float s = 0.f;
+    const float ct = D ? csign * coef[t] : 0.f;
+    for (int a = lane; a < kKT; a += 32) {
+      const float y = Y[t * kKT + a];
+      s += y * to_f(Xr[t * ldx + a]);
+      if (D) D[t * kKT + a] += ct * y;
+    }
+    s = warp_sum(s);
+    if (lane == 0) acc[t] += mul * s;
+  }
+}
+
+template <typename T, int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    miras_chunk_l2_bwd_chunk(const ChunkBwdParams bp_, const BwdPtrs w) {
+  const ChunkFwdParams& p = bp_.fwd;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int C = static_cast<int>(p.cfg.chunk_size);
+  const BwdChunkSmem<DK, DV> L(C);
+  int64_t n, c;
+  if (!slot_to_chunk(p, blockIdx.x, &n, &c)) return;
+  const int64_t H = p.H, h = blockIdx.y;
+  const int64_t bos = seq_begin(p.cu_seqlens, n, p.T);
+  const int64_t Lseq = seq_len(p.cu_seqlens, n, p.T);
+  const int64_t t0 = c * C;
+  const int len = static_cast<int>(Lseq - t0 < C ? Lseq - t0 : C);
+  const int last = len - 1;
+  const int64_t row0 = (bos + t0) * H + h;
+  const int64_t slot = chunk_base(p.cu_seqlens, n, p.T, C) + c;
+  const int64_t slot_off = (slot * H + h) * DK * DV;
+  const bool has_mom = p.momentum != nullptr;
+  const float scale = static_cast<float>(p.cfg.scale);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+  T* sQ = reinterpret_cast<T*>(smem + L.Q);
+  T* sK = reinterpret_cast<T*>(smem + L.K);
+  T* sdO = reinterpret_cast<T*>(smem + L.dO);
+  T* sPsi = reinterpret_cast<T*>(smem + L.Psi);
+  T* sdE = reinterpret_cast<T*>(smem + L.dE);
+  float* sF = reinterpret_cast<float*>(smem + L.F);
+  float* sS = reinterpret_cast<float*>(smem + L.S);
+  float* sDS = reinterpret_cast<float*>(smem + L.DS);
+  T* sSt = reinterpret_cast<T*>(smem + L.St);
+  float* sY = reinterpret_cast<float*>(smem + L.Y);
+  float* sdQt = reinterpret_cast<float*>(smem + L.dQt);
+  float* sdKt = reinterpret_cast<float*>(smem + L.dKt);
+  float* sdRg = reinterpret_cast<float*>(smem + L.dRg);
+  float* sdRb = reinterpret_cast<float*>(smem + L.dRb);
+  float* sMg = reinterpret_cast<float*>(smem + L.Mg);
+  float* sMb = reinterpret_cast<float*>(smem + L.Mb);
+  float* sLg = reinterpret_cast<float*>(smem + L.Lg);
+  float* sLb = reinterpret_cast<float*>(smem + L.Lb);
+  float* sGF = reinterpret_cast<float*>(smem + L.GF);
+  T* sM = reinterpret_cast<T*>(smem + L.M);
+  float* sal = reinterpret_cast<float*>(smem + L.al);
+  float* sbe = reinterpret_cast<float*>(smem + L.be);
+  float* sgam = reinterpret_cast<float*>(smem + L.gam);
+  float* sEb = reinterpret_cast<float*>(smem + L.Eb);
+  float* sfv = reinterpret_cast<float*>(smem + L.fv);
+  float* sFl = reinterpret_cast<float*>(smem + L.Fl);
+  float* sLbl = reinterpret_cast<float*>(smem + L.Lbl);
+  float* sGg = reinterpret_cast<float*>(smem + L.Gg);
+  float* sGf = reinterpret_cast<float*>(smem + L.Gf);
+  float* sr1 = reinterpret_cast<float*>(smem + L.r1);
+  float* sr2 = reinterpret_cast<float*>(smem + L.r2);
+  float* sred = reinterpret_cast<float*>(smem + L.red);
+
+  const float* W0 = w.chunkX + slot_off;
+  const float* P0 = has_mom ? w.chunkP + slot_off : nullptr;
+  const float* dWC = w.dWC + slot_off;
+  const float* dPC = has_mom ? w.dPC + slot_off : nullptr;
+
+  // 0. loads; chunk scalars s1 = <W0, dW_C>, s2 = <P0, dW_C>, s3 = <P0, dP_C> (fp32).
+  load_tile_t<T>(sQ, DK, static_cast<const T*>(p.q) + row0 * DK, H * DK, C, len, DK);
+  load_tile_t<T>(sK, DK, static_cast<const T*>(p.k) + row0 * DK, H * DK, C, len, DK);
+  load_tile_t<T>(sdO, DV, static_cast<const T*>(bp_.dO) + row0 * DV, H * DV, C, len, DV);
+  load_tile_t<T>(sPsi, DV, static_cast<const T*>(w.psi) + row0 * DV, H * DV, C, len, DV);
+  load_tile_t<T>(sdE, DV, static_cast<const T*>(w.dE) + row0 * DV, H * DV, C, len, DV);
+  load_gates(p, row0, H, C, len, sal, sbe, nullptr, nullptr);
+  {
+    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    for (int idx = threadIdx.x; idx < DK * DV; idx += blockDim.x) {
+      const float g = dWC[idx];
+      a1 += W0[idx] * g;
+      if (has_mom) {
+        const float pv = P0[idx];
+        a2 += pv * g;
+        a3 += pv * dPC[idx];
+      }
+    }
+    a1 = warp_sum(a1);
+    a2 = warp_sum(a2);
+    a3 = warp_sum(a3);
+    if (lane == 0) {
+      sred[warp * 4 + 0] = a1;
+      sred[warp * 4 + 1] = a2;
+      sred[warp * 4 + 2] = a3;
+    }
+  }
+  __syncthreads();
+
+  // A. gates; S = Q K^T (unscaled); DS = dO Psi~^T; then
+  //    dS = -DS (lower), GF = (Q~K^T) o dS, M = scale * F o dS (the (F o dS) operand, q-scale folded).
+  gate_mats(C, sal, sbe, sLg, sLb, sF, sgam, sEb, sfv);
+  block_gemm<T, true, false>(C, C, DK, sQ, DK, sK, DK, sS, C, false);
+  block_gemm<T, true, false>(C, C, DV, sdO, DV, sPsi, DV, sDS, C, false);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
+    const int t = idx / C, i = idx % C;
+    const float dS = i <= t ? -sDS[idx] : 0.f;
+    sGF[idx] = scale * sS[idx] * dS;
+    sM[idx] = to_t<T>(scale * sF[idx] * dS);
+  }
+  for (int i = threadIdx.x; i < C; i += blockDim.x) {
+    sFl[i] = sF[last * C + i];
+    sLbl[i] = sLb[last * C + i];
+    sGg[i] = 0.f;
+    sGf[i] = 0.f;
+    sr1[i] = 0.f;
+    sr2[i] = 0.f;
+  }
+  __syncthreads();
+
+  // B. dq, dk by Dk tiles of 64 columns (rows k0.. of the states).
+  float* gdq = static_cast<float*>(bp_.dq);
+  float* gdk = static_cast<float*>(bp_.dk);
+  for (int k0 = 0; k0 < DK; k0 += kKT) {
+    // (a) (F o dS) K and (F o dS)^T Q~; W0 rows -> St
+    load_tile_f2t<T>(sSt, DV, W0 + (int64_t)k0 * DV, DV, kKT, DV);
+    block_gemm<T, true, true>(C, kKT, C, sM, C, sK + k0, DK, sdQt, kKT, false);
+    block_gemm<T, false, true>(C, kKT, C, sM, C, sQ + k0, DK, sdKt, kKT, false);
+    __syncthreads();
+    // (b) Y = dO W0^T: dq += scale g_t Y, Gg += scale <Y_t, q_t>;  dk += dE W0^T
+    block_gemm<T, true, false>(C, kKT, DV, sdO, DV, sSt, DV, sY, kKT, false);
+    block_gemm<T, true, false>(C, kKT, DV, sdE, DV, sSt, DV, sdKt, kKT, true);
+    __syncthreads();
+    rows_dot_axpy<T>(C, sY, sQ + k0, DK, scale, sGg, sdQt, sgam, scale);
+    __syncthreads();
+    // (c) momentum: Y = dO P0^T: dq += scale f_t Y, Gf += scale <Y_t, q_t>
+    if (has_mom) {
+      load_tile_f2t<T>(sSt, DV, P0 + (int64_t)k0 * DV, DV, kKT, DV);
+      __syncthreads();
+      block_gemm<T, true, false>(C, kKT, DV, sdO, DV, sSt, DV, sY, kKT, false);
+      __syncthreads();
+      rows_dot_axpy<T>(C, sY, sQ + k0, DK, scale, sGf, sdQt, sfv, scale);
+      __syncthreads();
+    }
+    // (d) Y = Psi~ dW_C^T: dk -= F_C[i] Y, r1 += <Y_i, k_i>
+    load_tile_f2t<T>(sSt, DV, dWC + (int64_t)k0 * DV, DV, kKT, DV);
+    __syncthreads();
+    block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
+    __syncthreads();
+    rows_dot_axpy<T>(C, sY, sK + k0, DK, 1.f, sr1, sdKt, sFl, -1.f);
+    __syncthreads();
+    // (e) momentum: Y = Psi~ dP_C^T: dk -= Lb_C[i] Y, r2 += <Y_i, k_i>
+    if (has_mom) {
+      load_tile_f2t<T>(sSt, DV, dPC + (int64_t)k0 * DV, DV, kKT, DV);
+      __syncthreads();
+      block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
+      __syncthreads();
+      rows_dot_axpy<T>(C, sY, sK + k0, DK, 1.f, sr2, sdKt, sLbl, -1.f);
+      __syncthreads();
+    }
+    // (f) write this Dk tile of dq, dk
+    for (int idx = threadIdx.x; idx < len * kKT; idx += blockDim.x) {
+      const int t = idx / kKT, a = idx % kKT;
+      const int64_t g = (row0 + (int64_t)t * H) * DK + k0 + a;
+      gdq[g] = sdQt[idx];
+      gdk[g] = sdKt[idx];
+    }
+    __syncthreads();
+  }
+
+  // C. gate gradients (regions In and Z are dead: dRg, dRb, Mg, Mb overlay them).
+  if (threadIdx.x == 0) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int k = 0; k < kWarps; ++k) {
+      s1 += sred[k * 4 + 0];
+      s2 += sred[k * 4 + 1];
+    }
+    sGg[last] += s1;  // <W0, dW_C>: gamma_C in W_C
+    sGf[last] += s2;  // <P0, dW_C>: f_C in W_C
+  }
+  for (int i = threadIdx.x; i <= last; i += blockDim.x) sGF[last * C + i] -= sr1[i];  // F_C in W_C
+  __syncthreads();
+  float s3 = 0.f;
+  for (int k = 0; k < kWarps; ++k) s3 += sred[k * 4 + 2];  // <P0, dP_C>: e^{d_C} in P_C
+  const int C1 = C + 1;
+  // dR matrices (column 0 is the virtual index -1: gam for alpha, Eb for beta), by recurrences
+  // that use Lb[s][i] = be_s Lb[s-1][i] and Lg[t][s] = al_{s+1} Lg[t][s+1] (O(C) per row/column):
+  // dRg[t][0] = d gam_t;  dRg[t][s+1] = dLg[t][s] = X[t][s] + Gf[t] Eb[s] (s <= t),
+  //   X[t][s] = sum_{i<=s} GF[t][i] Lb[s][i] = GF[t][s] + be_s X[t][s-1];
+  // dRb[s][i+1] = dLb[s][i] = Y[s][i] (- r2[i] at s = last) (i <= s),
+  //   Y[s][i] = sum_{t>=s} Lg[t][s] GF[t][i] = GF[s][i] + al_{s+1} Y[s+1][i];
+  // dRb[s][0] = d Eb_s = Z[s] (+ s3 at s = last),  Z[s] = Gf[s] + al_{s+1} Z[s+1].
+  for (int task = threadIdx.x; task < 2 * C + 1; task += blockDim.x) {
+    if (task < C) {
+      const int t = task;
+      sdRg[t * C1] = sGg[t];
+      float x = 0.f;
+      for (int s2 = 0; s2 < C; ++s2) {
+        float g = 0.f;
+        if (s2 <= t) {
+          x = sGF[t * C + s2] + (s2 > 0 ? sbe[s2] * x : 0.f);
+          g = x + sGf[t] * sEb[s2];
+        }
+        sdRg[t * C1 + s2 + 1] = g;
+      }
+    } else if (task < 2 * C) {
+      const int i = task - C;
+      float y = 0.f;
+      for (int s2 = C - 1; s2 >= 0; --s2) {
+        float bb = 0.f;
+        if (s2 >= i) {
+          y = sGF[s2 * C + i] + (s2 + 1 < C ? sal[s2 + 1] * y : 0.f);
+          bb = y - (s2 == last ? sr2[i] : 0.f);
+        }
+        sdRb[s2 * C1 + i + 1] = bb;
+      }
+    } else {
+      float z = 0.f;
+      for (int s2 = C - 1; s2 >= 0; --s2) {
+        z = sGf[s2] + (s2 + 1 < C ? sal[s2 + 1] * z : 0.f);
+        sdRb[s2 * C1] = z + ((s2 == last && has_mom) ? s3 : 0.f);
+      }
+    }
+  }
+  __syncthreads();
+  // M[t][r+1] = dR[t][0] R[r][-1] + sum_{s=0..r} dR[t][s+1] R[r][s]   (-1 <= r <= t-1)
+  //           = dR[t][r+1] + g_r M[t][r]   (R[r][s] = g_r R[r-1][s], R[r][r] = 1, R[-1][-1] = 1)
+  for (int task = threadIdx.x; task < 2 * C; task += blockDim.x) {
+    const bool isb = task >= C;
+    const int t = isb ? task - C : task;
+    const float* dR = isb ? sdRb : sdRg;
+    const float* gate = isb ? sbe : sal;
+    float* Mo = isb ? sMb : sMg;
+    float m = dR[t * C1];
+    Mo[t * C1] = m;
+    for (int r = 0; r < C; ++r) {
+      float out = 0.f;
+      if (r <= t - 1) {
+        m = dR[t * C1 + r + 1] + gate[r] * m;
+        out = m;
+      }
+      Mo[t * C1 + r + 1] = out;
+    }
+  }
+  __syncthreads();
+  // d gate_j = sum_{t>=j} R[t][j] M[t][j]   (leave-one-out products: no division by a gate)
+  float* gda = static_cast<float*>(bp_.dalpha);
+  float* gdb = static_cast<float*>(bp_.dmomentum);
+  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    float da = 0.f, db = 0.f;
+    for (int t = j; t < C; ++t) {
+      da += sLg[t * C + j] * sMg[t * C1 + j];
+      db += sLb[t * C + j] * sMb[t * C1 + j];
+    }
+    const int64_t g = row0 + (int64_t)j * H;
+    gda[g] = da;
+    if (has_mom && gdb) gdb[g] = db;
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+struct BwdWs {
+  size_t dwc = 0, dpc = 0, psi = 0, de = 0, total = 0;
+};
+inline BwdWs bwd_ws_layout(const ChunkFwdParams& p) {
+  BwdWs w;
+  const int64_t total_tokens = p.cu_seqlens ? p.T : p.N * p.T;
+  const size_t st = sizeof(float) * (size_t)slots_of(p) * p.H * p.Dk * p.Dv;
+  const size_t tok = sizeof(uint16_t) * (size_t)total_tokens * p.H * p.Dv;
+  size_t off = 0;
+  w.dwc = off;
+  off += align256(st);
+  if (p.momentum) {
+    w.dpc = off;
+    off += align256(st);
+  }
+  w.psi = off;
+  off += align256(tok);
+  w.de = off;
+  off += align256(tok);
+  w.total = off;
+  return w;
+}
+
+template <typename T, int DK, int DV>
+void launch_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
+  constexpr int NV = DV / kBV;
+  const ChunkFwdParams& p = b.fwd;
+  const int C = static_cast<int>(p.cfg.chunk_size);
+  const BwdWs wl = bwd_ws_layout(p);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  BwdPtrs w;
+  w.dWC = reinterpret_cast<float*>(ws + wl.dwc);
+  w.dPC = p.momentum ? reinterpret_cast<float*>(ws + wl.dpc) : nullptr;
+  w.psi = ws + wl.psi;
+  w.dE = ws + wl.de;
+  w.chunkX = static_cast<const float*>(p.chunk_X);
+  w.chunkP = static_cast<const float*>(p.chunk_P);
+
+  if (b.dret_param) {
+    const int64_t total_tokens = p.cu_seqlens ? p.T : p.N * p.T;
+    cudaMemsetAsync(b.dret_param, 0, sizeof(float) * (size_t)total_tokens * p.H, stream);
+  }
+  if (p.N * p.H > 0) {
+    const size_t smem = BwdStateSmem<DK>(C).total;
+    auto kern = miras_chunk_l2_bwd_state<T, DK, DV>;
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
+      check_launch("miras_chunk_l2_bwd_state (smem attribute)");
+    const int use_cluster = NV > 1 ? 1 : 0;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.N * p.H * NV));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = NV;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = use_cluster ? 1 : 0;
+    cudaError_t err = cudaLaunchKernelEx(&cfg, kern, b, w, use_cluster);
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("miras: CUDA launch of miras_chunk_l2_bwd_state failed: ") +
+                               cudaGetErrorString(err));
+    check_launch("miras_chunk_l2_bwd_state");
+  }
+  const int64_t slots = slots_of(p);
+  if (slots > 0 && p.H > 0) {
+    const size_t smem = BwdChunkSmem<DK, DV>(C).total;
+    auto kern = miras_chunk_l2_bwd_chunk<T, DK, DV>;
+    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
+      check_launch("miras_chunk_l2_bwd_chunk (smem attribute)");
+    kern<<<dim3(static_cast<unsigned>(slots), static_cast<unsigned>(p.H)), kThreads, smem, stream>>>(b, w);
+    check_launch("miras_chunk_l2_bwd_chunk");
+  }
+}
+
+template <typename T>
+void launch_bwd_t(const ChunkBwdParams& b, void* ws, cudaStream_t s) {
+  const ChunkFwdParams& p = b.fwd;
+  if (p.Dk == 64 && p.Dv == 64) return launch_bwd<T, 64, 64>(b, ws, s);
+  if (p.Dk == 64 && p.Dv == 128) return launch_bwd<T, 64, 128>(b, ws, s);
+  if (p.Dk == 128 && p.Dv == 64) return launch_bwd<T, 128, 64>(b, ws, s);
+  return launch_bwd<T, 128, 128>(b, ws, s);
+}
+
+}  // namespace cl2
+
+size_t chunk_l2_bwd_workspace(const ChunkBwdParams& p) { return cl2::bwd_ws_layout(p.fwd).total; }
+
+void chunk_l2_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
+  const ChunkFwdParams& p = b.fwd;
+  if (const char* why = chunk_l2_unsupported(p)) throw std::invalid_argument(std::string("miras: ") + why);
+  if (!b.dO) throw std::invalid_argument("miras: chunk_l2_bwd: dO may not be null");
+  if (!p.chunk_X || (p.momentum && !p.chunk_P))
+    throw std::invalid_argument("miras: chunk_l2_bwd needs the forward's saved chunk_X (and chunk_P with momentum)");
+  if (!b.dq || !b.dk || !b.dv || !b.dlr || !b.dalpha || (p.momentum && !b.dmomentum))
+    throw std::invalid_argument("miras: chunk_l2_bwd: dq, dk, dv, dlr, dalpha (and dmomentum) are required");
+  if (p.dtype == kBFloat16)
+    cl2::launch_bwd_t<__nv_bfloat16>(b, workspace, stream);
+  else
+    cl2::launch_bwd_t<__half>(b, workspace, stream);
+}
+
+}  // namespace cuda
+}  // namespace miras
