@@ -1,0 +1,109 @@
+// miras/cpu/chunk_cpu.cpp — entry points of the CPU backend: argument validation, the portable
+// instantiation of the loops (chunk_kernels.h) and the run-time choice of the AVX2+FMA
+// instantiation (chunk_cpu_avx2.cpp) where the CPU has it. Build flags stay portable (no -march).
+#define MIRAS_CPU_ISA portable
+#include "chunk_kernels.h"
+
+namespace miras {
+namespace cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
+namespace avx2 {
+void run_fwd(const ChunkFwdParams& p);
+void run_bwd(const ChunkBwdParams& p);
+}  // namespace avx2
+static bool use_avx2() {
+  static const bool ok = [] {
+    if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
+      if (std::string(e) == "portable") return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+#else
+static bool use_avx2() { return false; }
+namespace avx2 {
+inline void run_fwd(const ChunkFwdParams& p) { portable::run_fwd(p); }
+inline void run_bwd(const ChunkBwdParams& p) { portable::run_bwd(p); }
+}  // namespace avx2
+#endif
+
+static void need(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+void validate_fwd(const ChunkFwdParams& p, const char* fn) {
+  const std::string f = std::string(fn) + ": ";
+  need(p.dtype == kFloat32 || p.dtype == kFloat64,
+       f + "dtype must be float32 or float64 on CPU (got code " + std::to_string(p.dtype) + ")");
+  need(p.N >= 0 && p.T >= 0, f + "N and T must be >= 0");
+  need(p.H >= 1 && p.Dk >= 1 && p.Dv >= 1, f + "H, Dk and Dv must be >= 1");
+  need(p.cfg.chunk_size >= 1, f + "chunk_size must be >= 1 (got " +
+                                  std::to_string(p.cfg.chunk_size) + ")");
+  need(p.cfg.bias >= kBiasDot && p.cfg.bias <= kBiasRobust,
+       f + "bias: unknown kind " + std::to_string(p.cfg.bias));
+  need(p.cfg.retention >= kRetL2 && p.cfg.retention <= kRetLq,
+       f + "retention: unknown kind " + std::to_string(p.cfg.retention));
+  if (p.cfg.retention == kRetLq) {
+    need(p.cfg.q_norm >= 2.0, f + "q (lq retention) must be >= 2");
+    need(p.cfg.eps_q > 0.0, f + "eps_q (lq retention) must be > 0");
+  }
+  if (p.cfg.retention == kRetKL) need(p.cfg.kl_scale > 0.0, f + "kl_scale must be > 0");
+  if (p.cfg.bias == kBiasLp) need(p.cfg.p >= 1.0, f + "p (lp bias) must be >= 1");
+  const int64_t total = p.cu_seqlens ? p.T : p.N * p.T;
+  if (total > 0)
+    need(p.q && p.k && p.v && p.lr && p.alpha, f + "q, k, v, lr and alpha may not be null");
+  if (p.cu_seqlens) {
+    const int64_t* cu = p.cu_seqlens;
+    need(cu[0] == 0, f + "cu_seqlens must start at 0");
+    for (int64_t n = 0; n < p.N; ++n)
+      need(cu[n + 1] >= cu[n], f + "cu_seqlens must be non-decreasing");
+    need(cu[p.N] == p.T, f + "cu_seqlens must end at T (the total number of tokens)");
+  }
+}
+
+static int64_t slots_needed(const ChunkFwdParams& p) {
+  if (!p.cu_seqlens) return p.N * num_chunks(p.T, p.cfg.chunk_size);
+  return chunk_base(p.cu_seqlens, p.N, p.T, p.cfg.chunk_size);
+}
+
+}  // namespace cpu
+
+void chunk_fwd_cpu(const ChunkFwdParams& p) {
+  cpu::validate_fwd(p, "chunk_fwd_cpu");
+  if (p.chunk_X || (p.momentum && p.chunk_P)) {
+    const int64_t need_slots = cpu::slots_needed(p);
+    if (p.num_chunk_slots < need_slots)
+      throw std::invalid_argument("chunk_fwd_cpu: num_chunk_slots (" +
+                                  std::to_string(p.num_chunk_slots) + ") is smaller than the " +
+                                  std::to_string(need_slots) + " chunks of the input");
+  }
+  if (p.N == 0) return;
+  if (cpu::use_avx2()) cpu::avx2::run_fwd(p);
+  else cpu::portable::run_fwd(p);
+}
+
+void chunk_bwd_cpu(const ChunkBwdParams& p) {
+  cpu::validate_fwd(p.fwd, "chunk_bwd_cpu");
+  const ChunkFwdParams& f = p.fwd;
+  const int64_t total = f.cu_seqlens ? f.T : f.N * f.T;
+  if (total > 0) {  // (empty tensors may have null data pointers)
+    if (!p.dO) throw std::invalid_argument("chunk_bwd_cpu: dO may not be null");
+    if (!p.dq || !p.dk || !p.dv || !p.dlr || !p.dalpha)
+      throw std::invalid_argument("chunk_bwd_cpu: dq, dk, dv, dlr and dalpha may not be null");
+  }
+  if (f.chunk_X || (f.momentum && f.chunk_P)) {
+    const int64_t need_slots = cpu::slots_needed(f);
+    if (f.num_chunk_slots < need_slots)
+      throw std::invalid_argument("chunk_bwd_cpu: num_chunk_slots (" +
+                                  std::to_string(f.num_chunk_slots) + ") is smaller than the " +
+                                  std::to_string(need_slots) + " chunks of the input");
+  }
+  if (f.N == 0) return;
+  if (cpu::use_avx2()) cpu::avx2::run_bwd(p);
+  else cpu::portable::run_bwd(p);
+}
+
+}  // namespace miras
