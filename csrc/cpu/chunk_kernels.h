@@ -747,11 +747,10 @@ inline void token_bwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_R
   }
   int64_t i_start = 0;
   if constexpr ((RET == kRetL2 || RET == kRetElasticNet) && !MOM) {
-    // identity read map, no momentum: two rows per pass share the loads of do, psi~ and dpsi~
+    // identity read map, no momentum: two rows per pass share the loads of do, psi~ and dpsi~.
+    // X_t is rebuilt from X_{t-1} (one stream fewer): X_t = step(a X_{t-1} - k psi~).
     for (; i_start + 2 <= Dk; i_start += 2) {
       const int64_t i = i_start;
-      const T* x0 = Xt + i * Dv;
-      const T* x1 = x0 + Dv;
       const T* xp0 = Xp + i * Dv;
       const T* xp1 = xp0 + Dv;
       T* dx0 = dX + i * Dv;
@@ -761,16 +760,19 @@ inline void token_bwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_R
 MIRAS_SIMD_REDUCE(dq0, dq1, dk0, dk1, dalpha, dgam)
       for (int64_t j = 0; j < Dv; ++j) {
         const T dj = dot[j], pj = pst[j];
-        dq0 += dj * x0[j];
-        dq1 += dj * x1[j];
+        const T z0 = a * xp0[j] - k0 * pj, z1 = a * xp1[j] - k1 * pj;
         T g0 = dx0[j] + q0 * dj, g1 = dx1[j] + q1 * dj;
         if (EL) {
-          const T z0 = a * xp0[j] - k0 * pj, z1 = a * xp1[j] - k1 * pj;
           const T up0 = z0 > g ? T(1) : T(0), dn0 = z0 < -g ? T(1) : T(0);
           const T up1 = z1 > g ? T(1) : T(0), dn1 = z1 < -g ? T(1) : T(0);
+          dq0 += dj * (up0 * (z0 - g) + dn0 * (z0 + g));
+          dq1 += dj * (up1 * (z1 - g) + dn1 * (z1 + g));
           g0 *= up0 + dn0;
           g1 *= up1 + dn1;
           dgam += (dn0 - up0) * g0 + (dn1 - up1) * g1;
+        } else {
+          dq0 += dj * z0;
+          dq1 += dj * z1;
         }
         dalpha += xp0[j] * g0 + xp1[j] * g1;
         dk0 -= g0 * pj;

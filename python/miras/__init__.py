@@ -5,6 +5,8 @@ Functional ops (SPEC.md): :func:`memory_update` (chunked, training and prefill),
 :func:`titans`; the state type :class:`MemoryState`; the float64-capable PyTorch reference in
 :mod:`miras.reference`.
 """
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from . import _C
 from .ops import BIASES, RETENTIONS, memora, memory_step, memory_update, moneta, titans, yaad
 from .state import MemoryState
