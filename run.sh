@@ -23,11 +23,6 @@ setup() {
   # nvcc: prefer the real toolkit over wrappers on PATH.
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi
-  # A compiler cache makes rebuilds (CI on the same machine) fast; used when present.
-  if command -v ccache >/dev/null 2>&1; then
-    export CC="ccache gcc" CXX="ccache g++"
-    [ -n "${CUDA_HOME:-}" ] && export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
-  fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   "$py" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v -E "^(WARNING: Location|  Running)" || true
   "$py" -c "import miras; print('miras', miras.__version__, 'cuda kernels built:', miras.has_cuda_kernels())"
