@@ -28,35 +28,40 @@ namespace cl2 {
 namespace cg = cooperative_groups;
 
 // ---- reverse state-gradient kernel ----------------------------------------------------------------
+// MMA operand rows are padded (T: +8 elements, fp32: +4) against shared-memory bank conflicts.
 template <int DK>
 struct BwdStateSmem {
-  size_t Q, K, dO, RW, RWl, dPb, E, RS, dE, GdO, FdO, G, Lg, Lb, F, X, DPsi, A, al, be, lr, bp, gam, Eb, fv, Fl, Lbl,
+  static constexpr int LK = DK + 8, LB = kBV + 8, LE = kBV + 4;
+  static MIRAS_HD int LS(int C) { return C + 4; }
+  static MIRAS_HD int LA(int C) { return C + 8; }
+  size_t Q, K, dO, Vr, RW, RWl, dPb, E, RS, dE, GdO, FdO, G, Lb, F, X, DPsi, A, al, be, lr, bp, gam, Eb, fv, Fl, Lbl,
       psumsq, pedpsi, pdlr, pdbp, scratch, total;
   MIRAS_HD BwdStateSmem(int C) {
     Carve c;
     const size_t cc4 = (sizeof(float) * C * C + 127) & ~size_t(127);
-    const size_t cv2 = (sizeof(uint16_t) * C * kBV + 127) & ~size_t(127);
-    const size_t cv4 = (sizeof(float) * C * kBV + 127) & ~size_t(127);
-    Q = c.take(sizeof(uint16_t) * C * DK);
-    K = c.take(sizeof(uint16_t) * C * DK);
-    dO = c.take(sizeof(uint16_t) * C * kBV);
-    RW = c.take(sizeof(uint16_t) * DK * kBV);  // W0 (T) for E, then the T copy of dW_C
-    RWl = c.take(sizeof(uint16_t) * DK * kBV);  // lo half of W0 (split biases)
-    dPb = c.take(sizeof(uint16_t) * DK * kBV);
-    E = c.take(sizeof(float) * C * kBV);
-    // RS: S = Q K^T (fp32 C x C) until A is built, then dE and g*dO (T, C x kBV each).
-    RS = c.take(cc4 > 2 * cv2 ? cc4 : 2 * cv2);
+    const size_t cs4 = (sizeof(float) * C * LS(C) + 127) & ~size_t(127);
+    const size_t cv2 = (sizeof(uint16_t) * C * LB + 127) & ~size_t(127);
+    const size_t cv4 = (sizeof(float) * C * LE + 127) & ~size_t(127);
+    Q = c.take(sizeof(uint16_t) * C * LK);
+    K = c.take(sizeof(uint16_t) * C * LK);
+    dO = c.take(sizeof(uint16_t) * C * LB);
+    Vr = c.take(sizeof(uint16_t) * C * kBV);  // raw V tile (cp.async), -> E = -V and psi(e, v)
+    RW = c.take(sizeof(uint16_t) * DK * LB);  // W0 (T) for E, then the T copy of dW_C
+    RWl = c.take(sizeof(uint16_t) * DK * LB);  // lo half of W0 (split biases)
+    dPb = c.take(sizeof(uint16_t) * DK * LB);
+    E = c.take(sizeof(float) * C * LE);
+    // RS: S = Q K^T (fp32 C x LS) until A is built, then dE and g*dO (T, C x LB each).
+    RS = c.take(cs4 > 2 * cv2 ? cs4 : 2 * cv2);
     dE = RS;
     GdO = RS + cv2;
-    FdO = c.take(sizeof(uint16_t) * C * kBV);
-    // G: Lg, Lb, F (fp32 C x C each) until A is built, then X and dPsi~ (fp32 C x kBV each).
-    G = c.take(3 * cc4 > 2 * cv4 ? 3 * cc4 : 2 * cv4);
-    Lg = G;
-    Lb = G + cc4;
-    F = G + 2 * cc4;
+    FdO = c.take(sizeof(uint16_t) * C * LB);
+    // G: Lb, F (fp32 C x C each) until A is built, then X and dPsi~ (fp32 C x LE each).
+    G = c.take(2 * cc4 > 2 * cv4 ? 2 * cc4 : 2 * cv4);
+    Lb = G;
+    F = G + cc4;
     X = G;
     DPsi = G + cv4;
-    A = c.take(sizeof(uint16_t) * C * C);
+    A = c.take(sizeof(uint16_t) * C * LA(C));
     al = c.take(sizeof(float) * C);
     be = c.take(sizeof(float) * C);
     lr = c.take(sizeof(float) * C);
@@ -92,9 +97,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   const int C = static_cast<int>(p.cfg.chunk_size);
   const BwdStateSmem<DK> L(C);
+  constexpr int LK = BwdStateSmem<DK>::LK, LB = BwdStateSmem<DK>::LB, LE = BwdStateSmem<DK>::LE;
+  const int LS = BwdStateSmem<DK>::LS(C), LA = BwdStateSmem<DK>::LA(C);
   T* sQ = reinterpret_cast<T*>(smem + L.Q);
   T* sK = reinterpret_cast<T*>(smem + L.K);
   T* sdO = reinterpret_cast<T*>(smem + L.dO);
+  T* sVr = reinterpret_cast<T*>(smem + L.Vr);
   T* sRW = reinterpret_cast<T*>(smem + L.RW);
   T* sRWl = reinterpret_cast<T*>(smem + L.RWl);
   T* sdPb = reinterpret_cast<T*>(smem + L.dPb);
@@ -103,7 +111,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* sdE = reinterpret_cast<T*>(smem + L.dE);
   T* sGdO = reinterpret_cast<T*>(smem + L.GdO);
   T* sFdO = reinterpret_cast<T*>(smem + L.FdO);
-  float* sLg = reinterpret_cast<float*>(smem + L.Lg);
   float* sLb = reinterpret_cast<float*>(smem + L.Lb);
   float* sF = reinterpret_cast<float*>(smem + L.F);
   float* sX = reinterpret_cast<float*>(smem + L.X);
@@ -170,6 +177,30 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
   };
 
+  // gates of chunk cc into registers (thread i < C: alpha, beta, lr, bias parameter of token i);
+  // issued one chunk ahead so that their latency is off the critical path.
+  float g4[4];
+  auto fetch_gates = [&](int64_t cc) {
+    const int64_t tt0 = cc * C;
+    const int ln = static_cast<int>(Lseq - tt0 < C ? Lseq - tt0 : C);
+    const int i = threadIdx.x;
+    if (i < C) {
+      if (i < ln) {
+        const int64_t row = (bos + tt0 + i) * H + h;
+        g4[0] = static_cast<const float*>(p.alpha)[row];
+        g4[1] = p.momentum ? static_cast<const float*>(p.momentum)[row] : 0.f;
+        g4[2] = static_cast<const float*>(p.lr)[row];
+        g4[3] = p.bias_param ? static_cast<const float*>(p.bias_param)[row] : static_cast<float>(p.cfg.bias_param);
+      } else {
+        g4[0] = 1.f;
+        g4[1] = 0.f;
+        g4[2] = 0.f;
+        g4[3] = 1.f;
+      }
+    }
+  };
+  if (nc > 0) fetch_gates(nc - 1);
+
   StateTiles<DK> dW, dP;
   if (bp_.dXT)
     dW.load_global(static_cast<const float*>(bp_.dXT) + state_off, DV, scratch);
@@ -190,51 +221,69 @@ __global__ void __launch_bounds__(kThreads, 1)
     // 1. save the carry (gradient arriving at this chunk's end); loads.
     dW.template store<T>(w.dWC + slot_off, DV, nullptr, scratch);
     if (has_mom) dP.template store<T>(w.dPC + slot_off, DV, nullptr, scratch);
-    load_tile_t<T>(sQ, DK, gq + row0 * DK, H * DK, C, len, DK);
-    load_tile_t<T>(sK, DK, gk + row0 * DK, H * DK, C, len, DK);
-    load_tile_t<T>(sdO, kBV, gdO + row0 * DV + v0, H * DV, C, len, kBV);
-    load_tile_f2t<T>(sRW, kBV, w.chunkX + slot_off, DV, DK, kBV);
-    if (split) load_tile_f2t_lo<T>(sRWl, kBV, w.chunkX + slot_off, DV, DK, kBV);
-    load_tile_t2f<T>(sE, kBV, gv + row0 * DV + v0, H * DV, C, len, kBV, -1.f);
-    load_gates(p, row0, H, C, len, sal, sbe, slr, sbp);
+    // (T tiles by cp.async, all issued before the fp32 loads; one wait)
+    load_tile_t<T>(sQ, LK, gq + row0 * DK, H * DK, C, len, DK, false);
+    load_tile_t<T>(sK, LK, gk + row0 * DK, H * DK, C, len, DK, false);
+    load_tile_t<T>(sdO, LB, gdO + row0 * DV + v0, H * DV, C, len, kBV, false);
+    load_tile_t<T>(sVr, kBV, gv + row0 * DV + v0, H * DV, C, len, kBV, false);
+    if (threadIdx.x < C) {  // this chunk's gates (fetched one chunk ahead) -> shared
+      sal[threadIdx.x] = g4[0];
+      sbe[threadIdx.x] = g4[1];
+      slr[threadIdx.x] = g4[2];
+      sbp[threadIdx.x] = g4[3];
+    }
+    if (c > 0) fetch_gates(c - 1);
+    load_tile_f2t<T, 8>(sRW, LB, w.chunkX + slot_off, DV, DK, kBV);
+    if (split) load_tile_f2t_lo<T>(sRWl, LB, w.chunkX + slot_off, DV, DK, kBV);
+    cp_async_wait_all();
     __syncthreads();
+    for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) sE[(idx / kBV) * LE + idx % kBV] = -to_f(sVr[idx]);
 
-    // 2. gates; S = Q K^T (unscaled); E = K W0 - V.
-    gate_mats(C, sal, sbe, sLg, sLb, sF, sgam, sEb, sfv);
-    block_gemm<T, true, false>(C, C, DK, sQ, DK, sK, DK, sS, C, false);
-    block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRW, kBV, sE, kBV, true);
-    if (split) block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRWl, kBV, sE, kBV, true);
+    // 2. gates (Lg is not needed here: not stored); S = Q K^T (unscaled); E = K W0 - V.
+    gate_mats(C, sal, sbe, nullptr, sLb, sF, sgam, sEb, sfv);
+    block_gemm<T, true, false>(C, C, DK, sQ, LK, sK, LK, sS, LS, false);
+    block_gemm<T, true, true>(C, kBV, DK, sK, LK, sRW, LB, sE, LE, true);
+    if (split) block_gemm<T, true, true>(C, kBV, DK, sK, LK, sRWl, LB, sE, LE, true);
     __syncthreads();
 
     // 3. sA = -(F o Q~K^T); last rows of F, Lb; T copies of the carry (RW now holds dW_C).
-    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) sA[idx] = to_t<T>(-scale * sF[idx] * sS[idx]);
+    for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
+      const int t = idx / C, i = idx % C;
+      sA[t * LA + i] = to_t<T>(-scale * sF[idx] * sS[t * LS + i]);
+    }
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
       sFl[i] = sF[last * C + i];
       sLbl[i] = sLb[last * C + i];
     }
-    dW.store(static_cast<float*>(nullptr), 0, sRW, scratch);
-    if (has_mom) dP.store(static_cast<float*>(nullptr), 0, sdPb, scratch);
+    dW.store(static_cast<float*>(nullptr), 0, sRW, scratch, static_cast<T*>(nullptr), LB);
+    if (has_mom) dP.store(static_cast<float*>(nullptr), 0, sdPb, scratch, static_cast<T*>(nullptr), LB);
     __syncthreads();
 
     // 4. dPsi~ = -A^T dO - diag(F_C) K dW_C - diag(Lb_C) K dP_C   (G now holds X, dPsi~)
-    block_gemm<T, true, true>(C, kBV, DK, sK, DK, sRW, kBV, sX, kBV, false);
+    block_gemm<T, true, true>(C, kBV, DK, sK, LK, sRW, LB, sX, LE, false);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) sDPsi[idx] = -sFl[idx / kBV] * sX[idx];
+    for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) {
+      const int e = (idx / kBV) * LE + idx % kBV;
+      sDPsi[e] = -sFl[idx / kBV] * sX[e];
+    }
     __syncthreads();
     if (has_mom) {
-      block_gemm<T, true, true>(C, kBV, DK, sK, DK, sdPb, kBV, sX, kBV, false);
+      block_gemm<T, true, true>(C, kBV, DK, sK, LK, sdPb, LB, sX, LE, false);
       __syncthreads();
-      for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) sDPsi[idx] -= sLbl[idx / kBV] * sX[idx];
+      for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) {
+        const int e = (idx / kBV) * LE + idx % kBV;
+        sDPsi[e] -= sLbl[idx / kBV] * sX[e];
+      }
       __syncthreads();
     }
-    block_gemm<T, false, true>(C, kBV, C, sA, C, sdO, kBV, sDPsi, kBV, true);
+    block_gemm<T, false, true>(C, kBV, C, sA, LA, sdO, LB, sDPsi, LE, true);
     __syncthreads();
 
     // 5. psi VJP per row (a warp per row; row sums across the cluster).
     if (norm) {
       for (int r = warp; r < C; r += kWarps) {
         float s = 0.f;
-        for (int j = lane; j < kBV; j += 32) s += sE[r * kBV + j] * sE[r * kBV + j];
+        for (int j = lane; j < kBV; j += 32) s += sE[r * LE + j] * sE[r * LE + j];
         s = warp_sum(s);
         if (lane == 0) psumsq[r] = s;
       }
@@ -242,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (need_ed) {
         for (int r = warp; r < C; r += kWarps) {  // edpsi = sum_j e_j dpsi_j, dpsi = lr dPsi~
           float s = 0.f;
-          for (int j = lane; j < kBV; j += 32) s += sE[r * kBV + j] * (slr[r] * sDPsi[r * kBV + j]);
+          for (int j = lane; j < kBV; j += 32) s += sE[r * LE + j] * (slr[r] * sDPsi[r * LE + j]);
           s = warp_sum(s);
           if (lane == 0) pedpsi[r] = s;
         }
@@ -257,13 +306,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t grow = row0 + (int64_t)r * H;  // token row (valid when r < len)
       float pl = 0.f, pb = 0.f;
       for (int j = lane; j < kBV; j += 32) {
-        const int idx = r * kBV + j;
+        const int idx = r * kBV + j, ie = r * LE + j, ib = r * LB + j;
         float de = 0.f;
         if (r < len) {
-          const float e = sE[idx];
-          const float vv = use_v ? to_f(gv[grow * DV + v0 + j]) : 0.f;
+          const float e = sE[ie];
+          const float vv = use_v ? to_f(sVr[idx]) : 0.f;
           const float ps = bias_psi(ba, e, vv, sumsq);
-          const float dps = sDPsi[idx];
+          const float dps = sDPsi[ie];
           const float dpsi = eta * dps;
           de = bias_vjp_e(ba, e, dpsi, sumsq, edpsi);
           pl += dps * ps;
@@ -272,10 +321,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           psi_ws[grow * DV + v0 + j] = to_t<T>(eta * ps);
           dE_ws[grow * DV + v0 + j] = to_t<T>(de);
         }
-        sdE[idx] = to_t<T>(de);
-        const float dov = to_f(sdO[idx]);
-        sGdO[idx] = to_t<T>(scale * sgam[r] * dov);
-        sFdO[idx] = to_t<T>(scale * sfv[r] * dov);
+        sdE[ib] = to_t<T>(de);
+        const float dov = to_f(sdO[ib]);
+        sGdO[ib] = to_t<T>(scale * sgam[r] * dov);
+        sFdO[ib] = to_t<T>(scale * sfv[r] * dov);
       }
       pl = warp_sum(pl);
       pb = warp_sum(pb);
@@ -304,9 +353,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           dW.f[r].x[e] = gl * dW.f[r].x[e];
         }
       }
-      dW.add_at_b(C, sQ, DK, sGdO);
-      dW.add_at_b(C, sK, DK, sdE);
-      if (has_mom) dP.add_at_b(C, sQ, DK, sFdO);
+      dW.add_at_b(C, sQ, LK, sGdO, LB);
+      dW.add_at_b(C, sK, LK, sdE, LB);
+      if (has_mom) dP.add_at_b(C, sQ, LK, sFdO, LB);
     }
     __syncthreads();
   }
@@ -451,21 +500,54 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* dPC = has_mom ? w.dPC + slot_off : nullptr;
 
   // 0. loads; chunk scalars s1 = <W0, dW_C>, s2 = <P0, dW_C>, s3 = <P0, dP_C> (fp32).
-  load_tile_t<T>(sQ, DK, static_cast<const T*>(p.q) + row0 * DK, H * DK, C, len, DK);
-  load_tile_t<T>(sK, DK, static_cast<const T*>(p.k) + row0 * DK, H * DK, C, len, DK);
-  load_tile_t<T>(sdO, DV, static_cast<const T*>(bp_.dO) + row0 * DV, H * DV, C, len, DV);
-  load_tile_t<T>(sPsi, DV, static_cast<const T*>(w.psi) + row0 * DV, H * DV, C, len, DV);
-  load_tile_t<T>(sdE, DV, static_cast<const T*>(w.dE) + row0 * DV, H * DV, C, len, DV);
+  load_tile_t<T>(sQ, DK, static_cast<const T*>(p.q) + row0 * DK, H * DK, C, len, DK, false);
+  load_tile_t<T>(sK, DK, static_cast<const T*>(p.k) + row0 * DK, H * DK, C, len, DK, false);
+  load_tile_t<T>(sdO, DV, static_cast<const T*>(bp_.dO) + row0 * DV, H * DV, C, len, DV, false);
+  load_tile_t<T>(sPsi, DV, static_cast<const T*>(w.psi) + row0 * DV, H * DV, C, len, DV, false);
+  load_tile_t<T>(sdE, DV, static_cast<const T*>(w.dE) + row0 * DV, H * DV, C, len, DV, false);
   load_gates(p, row0, H, C, len, sal, sbe, nullptr, nullptr);
   {
     float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    for (int idx = threadIdx.x; idx < DK * DV; idx += blockDim.x) {
-      const float g = dWC[idx];
-      a1 += W0[idx] * g;
-      if (has_mom) {
-        const float pv = P0[idx];
-        a2 += pv * g;
-        a3 += pv * dPC[idx];
+    uintptr_t al16 = reinterpret_cast<uintptr_t>(W0) | reinterpret_cast<uintptr_t>(dWC);
+    if (has_mom) al16 |= reinterpret_cast<uintptr_t>(P0) | reinterpret_cast<uintptr_t>(dPC);
+    if ((al16 & 15) == 0) {
+      // float4 loads, kLB per array in flight (the states are the bulk of this kernel's traffic)
+      constexpr int N4 = DK * DV / 4;
+      static_assert(N4 % (kLB * kThreads) == 0, "state size must divide into load batches");
+      const float4* W4 = reinterpret_cast<const float4*>(W0);
+      const float4* G4 = reinterpret_cast<const float4*>(dWC);
+      const float4* P4 = reinterpret_cast<const float4*>(P0);
+      const float4* D4 = reinterpret_cast<const float4*>(dPC);
+      auto dot4 = [](const float4& x, const float4& y) { return x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w; };
+      for (int i0 = threadIdx.x; i0 < N4; i0 += kLB * kThreads) {
+        float4 wv[kLB], gv[kLB], pv[kLB], dv[kLB];
+#pragma unroll
+        for (int u = 0; u < kLB; ++u) {
+          wv[u] = W4[i0 + u * kThreads];
+          gv[u] = G4[i0 + u * kThreads];
+          if (has_mom) {
+            pv[u] = P4[i0 + u * kThreads];
+            dv[u] = D4[i0 + u * kThreads];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kLB; ++u) {
+          a1 += dot4(wv[u], gv[u]);
+          if (has_mom) {
+            a2 += dot4(pv[u], gv[u]);
+            a3 += dot4(pv[u], dv[u]);
+          }
+        }
+      }
+    } else {
+      for (int idx = threadIdx.x; idx < DK * DV; idx += blockDim.x) {
+        const float g = dWC[idx];
+        a1 += W0[idx] * g;
+        if (has_mom) {
+          const float pv = P0[idx];
+          a2 += pv * g;
+          a3 += pv * dPC[idx];
+        }
       }
     }
     a1 = warp_sum(a1);
@@ -477,6 +559,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       sred[warp * 4 + 2] = a3;
     }
   }
+  cp_async_wait_all();
   __syncthreads();
 
   // A. gates; S = Q K^T (unscaled); DS = dO Psi~^T; then
@@ -506,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* gdk = static_cast<float*>(bp_.dk);
   for (int k0 = 0; k0 < DK; k0 += kKT) {
     // (a) (F o dS) K and (F o dS)^T Q~; W0 rows -> St
-    load_tile_f2t<T>(sSt, DV, W0 + (int64_t)k0 * DV, DV, kKT, DV);
+    load_tile_f2t<T, 8>(sSt, DV, W0 + (int64_t)k0 * DV, DV, kKT, DV);
     block_gemm<T, true, true>(C, kKT, C, sM, C, sK + k0, DK, sdQt, kKT, false);
     block_gemm<T, false, true>(C, kKT, C, sM, C, sQ + k0, DK, sdKt, kKT, false);
     __syncthreads();
@@ -518,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     // (c) momentum: Y = dO P0^T: dq += scale f_t Y, Gf += scale <Y_t, q_t>
     if (has_mom) {
-      load_tile_f2t<T>(sSt, DV, P0 + (int64_t)k0 * DV, DV, kKT, DV);
+      load_tile_f2t<T, 8>(sSt, DV, P0 + (int64_t)k0 * DV, DV, kKT, DV);
       __syncthreads();
       block_gemm<T, true, false>(C, kKT, DV, sdO, DV, sSt, DV, sY, kKT, false);
       __syncthreads();
@@ -526,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();
     }
     // (d) Y = Psi~ dW_C^T: dk -= F_C[i] Y, r1 += <Y_i, k_i>
-    load_tile_f2t<T>(sSt, DV, dWC + (int64_t)k0 * DV, DV, kKT, DV);
+    load_tile_f2t<T, 8>(sSt, DV, dWC + (int64_t)k0 * DV, DV, kKT, DV);
     __syncthreads();
     block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
     __syncthreads();
@@ -534,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     // (e) momentum: Y = Psi~ dP_C^T: dk -= Lb_C[i] Y, r2 += <Y_i, k_i>
     if (has_mom) {
-      load_tile_f2t<T>(sSt, DV, dPC + (int64_t)k0 * DV, DV, kKT, DV);
+      load_tile_f2t<T, 8>(sSt, DV, dPC + (int64_t)k0 * DV, DV, kKT, DV);
       __syncthreads();
       block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
       __syncthreads();
@@ -687,8 +770,7 @@ void launch_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
   if (p.N * p.H > 0) {
     const size_t smem = BwdStateSmem<DK>(C).total;
     auto kern = miras_chunk_l2_bwd_state<T, DK, DV>;
-    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
-      check_launch("miras_chunk_l2_bwd_state (smem attribute)");
+    set_smem(kern, smem, "miras_chunk_l2_bwd_state");
     const int use_cluster = NV > 1 ? 1 : 0;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(p.N * p.H * NV));
@@ -712,8 +794,7 @@ void launch_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
   if (slots > 0 && p.H > 0) {
     const size_t smem = BwdChunkSmem<DK, DV>(C).total;
     auto kern = miras_chunk_l2_bwd_chunk<T, DK, DV>;
-    if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) != cudaSuccess)
-      check_launch("miras_chunk_l2_bwd_chunk (smem attribute)");
+    set_smem(kern, smem, "miras_chunk_l2_bwd_chunk");
     kern<<<dim3(static_cast<unsigned>(slots), static_cast<unsigned>(p.H)), kThreads, smem, stream>>>(b, w);
     check_launch("miras_chunk_l2_bwd_chunk");
   }

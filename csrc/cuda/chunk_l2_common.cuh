@@ -22,6 +22,8 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "../core/bias.h"
@@ -56,49 +58,107 @@ struct Carve {
   }
 };
 
+// ---- async copies (cp.async on sm_80+, a plain copy in host emulation) --------------------------
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+// Waits for this thread's outstanding cp.async copies; a __syncthreads() must follow before other
+// threads read the data.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// Loads are issued in batches of kLB per thread (all loads of a batch before any store), so that
+// kLB global loads are in flight at once instead of one (the compiler cannot reorder a global
+// load above a shared store through possibly-aliasing generic pointers).
+constexpr int kLB = 4;
+
 // ---- global <-> shared tile moves (all threads of the block; bounds-checked) -------------------
 // dst[r*ldd + c] = src[r*rstride + c] for r < nvalid, 0 for nvalid <= r < nrows; c < ncols.
+// Aligned case: cp.async, 16 bytes per copy; with wait = false the caller must call
+// cp_async_wait_all() before the __syncthreads() that publishes the tile.
 template <typename T>
 __device__ __forceinline__ void load_tile_t(T* dst, int ldd, const T* src, int64_t rstride, int nrows,
-                                            int nvalid, int ncols) {
+                                            int nvalid, int ncols, bool wait = true) {
   const bool vec = ((reinterpret_cast<uintptr_t>(src) & 15) == 0) && (rstride % 8 == 0) && (ncols % 8 == 0) &&
                    (ldd % 8 == 0);
   if (vec) {
     const int c8 = ncols / 8;
     for (int idx = threadIdx.x; idx < nrows * c8; idx += blockDim.x) {
       const int r = idx / c8, c = (idx % c8) * 8;
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < nvalid) val = *reinterpret_cast<const uint4*>(src + (int64_t)r * rstride + c);
-      *reinterpret_cast<uint4*>(dst + r * ldd + c) = val;
+      if (r < nvalid)
+        cp_async16(dst + r * ldd + c, src + (int64_t)r * rstride + c);
+      else
+        *reinterpret_cast<uint4*>(dst + r * ldd + c) = make_uint4(0u, 0u, 0u, 0u);
     }
+    if (wait) cp_async_wait_all();
   } else {
-    for (int idx = threadIdx.x; idx < nrows * ncols; idx += blockDim.x) {
-      const int r = idx / ncols, c = idx % ncols;
-      dst[r * ldd + c] = r < nvalid ? src[(int64_t)r * rstride + c] : to_t<T>(0.f);
+    const int total = nrows * ncols;
+    for (int i0 = threadIdx.x; i0 < total; i0 += kLB * blockDim.x) {
+      T v[kLB];
+#pragma unroll
+      for (int u = 0; u < kLB; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        const int r = idx / ncols, c = idx % ncols;
+        v[u] = (idx < total && r < nvalid) ? src[(int64_t)r * rstride + c] : to_t<T>(0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kLB; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        if (idx < total) dst[(idx / ncols) * ldd + idx % ncols] = v[u];
+      }
     }
   }
 }
 
-// fp32 global rows -> T shared (rows < nrows, all valid).
-template <typename T>
+// fp32 global rows -> T shared (rows < nrows, all valid). B float4 loads per thread in flight
+// (B = 8 covers a 64 x 128 fp32 tile in one round trip with 256 threads).
+template <typename T, int B = kLB>
 __device__ __forceinline__ void load_tile_f2t(T* dst, int ldd, const float* src, int64_t rstride, int nrows,
                                               int ncols) {
   const bool vec = ((reinterpret_cast<uintptr_t>(src) & 15) == 0) && (rstride % 4 == 0) && (ncols % 4 == 0);
   if (vec) {
-    const int c4 = ncols / 4;
-    for (int idx = threadIdx.x; idx < nrows * c4; idx += blockDim.x) {
-      const int r = idx / c4, c = (idx % c4) * 4;
-      const float4 v = *reinterpret_cast<const float4*>(src + (int64_t)r * rstride + c);
-      T* d = dst + r * ldd + c;
-      d[0] = to_t<T>(v.x);
-      d[1] = to_t<T>(v.y);
-      d[2] = to_t<T>(v.z);
-      d[3] = to_t<T>(v.w);
+    const int c4 = ncols / 4, total = nrows * c4;
+    for (int i0 = threadIdx.x; i0 < total; i0 += B * blockDim.x) {
+      float4 v[B];
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        if (idx < total) v[u] = *reinterpret_cast<const float4*>(src + (int64_t)(idx / c4) * rstride + (idx % c4) * 4);
+      }
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        if (idx < total) {
+          T* d = dst + (idx / c4) * ldd + (idx % c4) * 4;
+          d[0] = to_t<T>(v[u].x);
+          d[1] = to_t<T>(v[u].y);
+          d[2] = to_t<T>(v[u].z);
+          d[3] = to_t<T>(v[u].w);
+        }
+      }
     }
   } else {
-    for (int idx = threadIdx.x; idx < nrows * ncols; idx += blockDim.x) {
-      const int r = idx / ncols, c = idx % ncols;
-      dst[r * ldd + c] = to_t<T>(src[(int64_t)r * rstride + c]);
+    const int total = nrows * ncols;
+    for (int i0 = threadIdx.x; i0 < total; i0 += B * blockDim.x) {
+      float v[B];
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        v[u] = idx < total ? src[(int64_t)(idx / ncols) * rstride + idx % ncols] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < B; ++u) {
+        const int idx = i0 + u * blockDim.x;
+        if (idx < total) dst[(idx / ncols) * ldd + idx % ncols] = to_t<T>(v[u]);
+      }
     }
   }
 }
@@ -107,10 +167,19 @@ __device__ __forceinline__ void load_tile_f2t(T* dst, int ldd, const float* src,
 template <typename T>
 __device__ __forceinline__ void load_tile_f2t_lo(T* dst, int ldd, const float* src, int64_t rstride, int nrows,
                                                  int ncols) {
-  for (int idx = threadIdx.x; idx < nrows * ncols; idx += blockDim.x) {
-    const int r = idx / ncols, c = idx % ncols;
-    const float x = src[(int64_t)r * rstride + c];
-    dst[r * ldd + c] = to_t<T>(x - to_f(to_t<T>(x)));
+  const int total = nrows * ncols;
+  for (int i0 = threadIdx.x; i0 < total; i0 += kLB * blockDim.x) {
+    float v[kLB];
+#pragma unroll
+    for (int u = 0; u < kLB; ++u) {
+      const int idx = i0 + u * blockDim.x;
+      v[u] = idx < total ? src[(int64_t)(idx / ncols) * rstride + idx % ncols] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kLB; ++u) {
+      const int idx = i0 + u * blockDim.x;
+      if (idx < total) dst[(idx / ncols) * ldd + idx % ncols] = to_t<T>(v[u] - to_f(to_t<T>(v[u])));
+    }
   }
 }
 
@@ -123,9 +192,21 @@ MIRAS_HD bool bias_needs_split(int kind) { return kind == kBiasHuberYaad; }
 template <typename T>
 __device__ __forceinline__ void load_tile_t2f(float* dst, int ldd, const T* src, int64_t rstride, int nrows,
                                               int nvalid, int ncols, float mul) {
-  for (int idx = threadIdx.x; idx < nrows * ncols; idx += blockDim.x) {
-    const int r = idx / ncols, c = idx % ncols;
-    dst[r * ldd + c] = r < nvalid ? mul * to_f(src[(int64_t)r * rstride + c]) : 0.f;
+  constexpr int B = 2 * kLB;
+  const int total = nrows * ncols;
+  for (int i0 = threadIdx.x; i0 < total; i0 += B * blockDim.x) {
+    float v[B];
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      const int idx = i0 + u * blockDim.x;
+      const int r = idx / ncols, c = idx % ncols;
+      v[u] = (idx < total && r < nvalid) ? mul * to_f(src[(int64_t)r * rstride + c]) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < B; ++u) {
+      const int idx = i0 + u * blockDim.x;
+      if (idx < total) dst[(idx / ncols) * ldd + idx % ncols] = v[u];
+    }
   }
 }
 
@@ -192,10 +273,11 @@ struct StateTiles {
       __syncwarp();
     }
   }
-  // Store to global fp32 (if g) and/or to a T shared copy [DK x kBV] (if s), via the scratch;
+  // Store to global fp32 (if g) and/or to a T shared copy [DK x kBV], row stride lds (if s), via the scratch;
   // s_lo (optional) gets the rounding remainder x - T(x) (a hi/lo split for exact-ish GEMMs).
   template <typename T>
-  __device__ __forceinline__ void store(float* g, int64_t ld, T* s, float* scratch, T* s_lo = nullptr) const {
+  __device__ __forceinline__ void store(float* g, int64_t ld, T* s, float* scratch, T* s_lo = nullptr,
+                                        int lds = kBV) const {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int r = 0; r < TPW; ++r) {
@@ -205,16 +287,16 @@ struct StateTiles {
         const int row = tm(r) * 16 + e / 16, col = tn(r) * 16 + (e % 16);
         const float x = scratch[e];
         if (g) g[(int64_t)row * ld + col] = x;
-        if (s) s[row * kBV + col] = to_t<T>(x);
-        if (s_lo) s_lo[row * kBV + col] = to_t<T>(x - to_f(to_t<T>(x)));
+        if (s) s[row * lds + col] = to_t<T>(x);
+        if (s_lo) s_lo[row * lds + col] = to_t<T>(x - to_f(to_t<T>(x)));
       }
       __syncwarp();
     }
   }
   // f[r] += A^T * B over K rows: A is T shared [K x DK] row-major (so A^T(m,k) = A[k*lda + m]),
-  // B is T shared [K x kBV] row-major.
+  // B is T shared [K x kBV] row-major with row stride ldb.
   template <typename T>
-  __device__ __forceinline__ void add_at_b(int K, const T* A, int lda, const T* B) {
+  __device__ __forceinline__ void add_at_b(int K, const T* A, int lda, const T* B, int ldb = kBV) {
     using namespace nvcuda;
 #pragma unroll
     for (int r = 0; r < TPW; ++r) {
@@ -222,7 +304,7 @@ struct StateTiles {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
         wmma::load_matrix_sync(a, A + k * lda + tm(r) * 16, lda);
-        wmma::load_matrix_sync(b, B + k * kBV + tn(r) * 16, kBV);
+        wmma::load_matrix_sync(b, B + k * ldb + tn(r) * 16, ldb);
         wmma::mma_sync(f[r], a, b, f[r]);
       }
     }
@@ -234,7 +316,8 @@ struct StateTiles {
 // diagonal) Lg[t][s] = prod_{m=s+1..t} al_m, Lb[s][i] = prod_{m=i+1..s} be_m and
 // F = Lg Lb, and the vectors gam[t] = prod_{m<=t} al_m, Eb[t] = prod_{m<=t} be_m, fv = Lg Eb.
 // F and fv come from the momentum recurrence F[t][i] = al_t F[t-1][i] + Lb[t][i] (F[i][i] = 1),
-// fv[t] = al_t fv[t-1] + Eb[t]: O(C) per column, one thread per column. F may be nullptr.
+// fv[t] = al_t fv[t-1] + Eb[t]: O(C) per column, one thread per column. Lg, Lb, F may be nullptr
+// (not stored).
 // Ends with __syncthreads().
 __device__ __forceinline__ void gate_mats(int C, const float* al, const float* be, float* Lg, float* Lb, float* F,
                                           float* gam, float* Eb, float* fv) {
@@ -243,8 +326,8 @@ __device__ __forceinline__ void gate_mats(int C, const float* al, const float* b
     float vg = 1.f, vb = 1.f, vf = 1.f;
     for (int t = 0; t < C; ++t) {
       if (t < j) {
-        Lg[t * C + j] = 0.f;
-        Lb[t * C + j] = 0.f;
+        if (Lg) Lg[t * C + j] = 0.f;
+        if (Lb) Lb[t * C + j] = 0.f;
         if (F) F[t * C + j] = 0.f;
       } else {
         if (t > j) {
@@ -253,8 +336,8 @@ __device__ __forceinline__ void gate_mats(int C, const float* al, const float* b
           vb *= be[t];
           vf = a * vf + vb;
         }
-        Lg[t * C + j] = vg;
-        Lb[t * C + j] = vb;
+        if (Lg) Lg[t * C + j] = vg;
+        if (Lb) Lb[t * C + j] = vb;
         if (F) F[t * C + j] = vf;
       }
     }
@@ -270,6 +353,40 @@ __device__ __forceinline__ void gate_mats(int C, const float* al, const float* b
       Eb[t] = e;
       fv[t] = f;
     }
+  }
+  __syncthreads();
+}
+
+// Only what the state update needs: the last valid row of F and Lb (Fl[j] = F[last][j],
+// Lbl[j] = Lb[last][j], 0 for j > last) and the scalars gl = gam[last], el = Eb[last],
+// fl = fv[last] (written to out3[0..2]). No C x C matrix is stored. Thread j < C walks its column
+// (<= C dependent FMAs, the same recurrence as gate_mats); thread C the vectors. Ends with
+// __syncthreads().
+__device__ __forceinline__ void gate_last_row(int C, int last, const float* al, const float* be, float* Fl,
+                                              float* Lbl, float* out3) {
+  const int j = threadIdx.x;
+  if (j < C) {
+    float vb = 1.f, vf = 1.f;
+    if (j > last) vb = vf = 0.f;
+#pragma unroll 8
+    for (int t = j + 1; t <= last; ++t) {
+      vb *= be[t];
+      vf = al[t] * vf + vb;
+    }
+    Fl[j] = vf;
+    Lbl[j] = vb;
+  } else if (j == C) {
+    float g = 1.f, e = 1.f, f = 0.f;
+#pragma unroll 8
+    for (int t = 0; t <= last; ++t) {
+      const float a = al[t];
+      g *= a;
+      e *= be[t];
+      f = a * f + e;
+    }
+    out3[0] = g;
+    out3[1] = e;
+    out3[2] = f;
   }
   __syncthreads();
 }
@@ -328,6 +445,24 @@ __device__ __forceinline__ bool slot_to_chunk(const ChunkFwdParams& p, int64_t s
 inline int64_t slots_of(const ChunkFwdParams& p) {
   const int64_t s = num_chunk_slots(p.N, p.T, p.cfg.chunk_size, p.cu_seqlens != nullptr);
   return p.num_chunk_slots > s ? p.num_chunk_slots : s;
+}
+
+// Host: opts a kernel into `bytes` of dynamic shared memory after checking the device's limit
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin); throws a clear error instead of a failed launch.
+template <typename K>
+inline void set_smem(K kern, size_t bytes, const char* name) {
+  int dev = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    throw std::runtime_error(std::string("miras: ") + name + ": cannot query the device's shared-memory limit");
+  if (bytes > static_cast<size_t>(optin))
+    throw std::runtime_error(std::string("miras: ") + name + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block, the device allows " + std::to_string(optin) +
+                             " (use a smaller chunk_size or the scan path)");
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+      cudaSuccess)
+    throw std::runtime_error(std::string("miras: ") + name + ": cudaFuncSetAttribute(MaxDynamicSharedMemorySize, " +
+                             std::to_string(bytes) + ") failed: " + cudaGetErrorString(cudaGetLastError()));
 }
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
