@@ -1,6 +1,8 @@
 // miras/cpu/chunk_cpu.cpp — entry points of the CPU backend: argument validation, the portable
 // instantiation of the loops (chunk_kernels.h) and the run-time choice of the AVX2+FMA
-// instantiation (chunk_cpu_avx2.cpp) where the CPU has it. Build flags stay portable (no -march).
+// instantiation (chunk_cpu_avx2.cpp) where the CPU has it, and for the retention-l2 backward the
+// AVX-512 one (chunk_cpu_avx512.cpp). Build flags stay portable (no -march); MIRAS_CPU_ISA=avx2
+// or =portable caps the instruction set.
 #define MIRAS_CPU_ISA portable
 #include "chunk_kernels.h"
 
@@ -22,8 +24,29 @@ static bool use_avx2() {
   }();
   return ok;
 }
+namespace avx512 {
+void run_bwd_l2(const ChunkBwdParams& p);
+}  // namespace avx512
+// AVX-512 is used for the retention-l2 backward only (chunk_cpu_avx512.cpp).
+static bool use_avx512() {
+  static const bool ok = [] {
+    if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
+      const std::string s(e);
+      if (s == "portable" || s == "avx2") return false;
+    }
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
 #else
 static bool use_avx2() { return false; }
+static bool use_avx512() { return false; }
+namespace avx512 {
+inline void run_bwd_l2(const ChunkBwdParams& p) { portable::run_bwd(p); }
+}  // namespace avx512
 namespace avx2 {
 inline void run_fwd(const ChunkFwdParams& p) { portable::run_fwd(p); }
 inline void run_bwd(const ChunkBwdParams& p) { portable::run_bwd(p); }
@@ -102,7 +125,8 @@ void chunk_bwd_cpu(const ChunkBwdParams& p) {
                                   std::to_string(need_slots) + " chunks of the input");
   }
   if (f.N == 0) return;
-  if (cpu::use_avx2()) cpu::avx2::run_bwd(p);
+  if (f.cfg.retention == kRetL2 && cpu::use_avx512()) cpu::avx512::run_bwd_l2(p);
+  else if (cpu::use_avx2()) cpu::avx2::run_bwd(p);
   else cpu::portable::run_bwd(p);
 }
 

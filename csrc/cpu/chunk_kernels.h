@@ -10,10 +10,12 @@
 // elastic_net) the update and the read are one pass, columns in blocks of two SIMD vectors with o
 // and psi~ in registers; kl keeps a column max and uses a vectorised float exp; lq accumulates
 // sum |x|^q and q~X in the same pass.
-// Backward: chunks in reverse carrying dX, dP. Each chunk's token states are recomputed from the
-// saved chunk start (whole chunk when (C+1) states fit in MIRAS_CPU_SEG_KB, default 1536 KiB,
-// per thread; otherwise a checkpoint every 16 tokens and the segments recomputed one by one —
-// never by inverting the step), then walked backwards (token_bwd); the residual's gradients
+// Backward of retention l2: the dual form of chunk_l2_dual.h (small GEMMs per chunk; the env var
+// MIRAS_CPU_L2_BWD=scan forces the per-token scan below, for testing).
+// Backward (the other retentions; l2 with MIRAS_CPU_L2_BWD=scan): chunks in reverse carrying
+// dX, dP. Each chunk's token states are recomputed from the saved chunk start (whole chunk when
+// (C+1) states fit in MIRAS_CPU_SEG_KB, default 1536 KiB, per thread; otherwise a checkpoint
+// every 16 tokens and the segments recomputed one by one — never by inverting the step), then walked backwards (token_bwd); the residual's gradients
 // (dK += dE W_A^T, dW_A = K^T dE) are two GEMMs per chunk, followed by the anchor's read-map VJP.
 //
 // Included once per instruction set (chunk_cpu.cpp: portable; chunk_cpu_avx2.cpp: AVX2+FMA,
@@ -915,14 +917,28 @@ struct BwdOut {
   T *dq, *dk, *dv, *dlr, *dalpha, *dmom, *dbp, *drp, *dX0, *dP0, *dA0;
 };
 
+// Dual-form backward of retention l2 (bwd_seq_l2_dual, L2DualWork).
+#include "chunk_l2_dual.h"
+
 // Extra per-thread buffers of the backward.
 template <typename T>
 struct BWork {
   int64_t S = 1, nseg_max = 1;
   std::vector<T> dX, dP, dWA, WAt, Kt, dE, dKc, dVc, dpst, dpsi, Xcur, Pcur, ck, ckP, Xs, Ps,
       auxs, starts, startsP, ddum;
-  void init(int64_t Cb, int64_t Dk, int64_t Dv, int64_t S_, bool mom, int64_t nstart) {
+  L2DualWork<T> dual;
+  // dual: only the dual-form workspace (and the recomputed chunk starts) is allocated.
+  void init(int64_t Cb, int64_t Dk, int64_t Dv, int64_t S_, bool mom, int64_t nstart,
+            bool dual_form = false) {
     const size_t DkDv = size_t(Dk) * size_t(Dv);
+    if (dual_form) {
+      dual.init(Cb, Dk, Dv, mom);
+      if (nstart > 0) {
+        starts.assign(size_t(nstart) * DkDv, T(0));
+        if (mom) startsP.assign(size_t(nstart) * DkDv, T(0));
+      }
+      return;
+    }
     S = S_;
     nseg_max = (Cb + S - 1) / S;
     dX.assign(DkDv, T(0));
@@ -955,6 +971,12 @@ struct BWork {
 template <typename T, int RET, bool MOM>
 void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, int64_t n,
              int64_t h, const T* startX, const T* startP, int64_t start_stride) {
+  if constexpr (RET == kRetL2) {
+    if (!bw.dual.dW.empty()) {  // the dual form (BWork initialised for it)
+      bwd_seq_l2_dual<T, MOM>(cx, w, bw.dual, out, n, h, startX, startP, start_stride);
+      return;
+    }
+  }
   const Cfg<T>& cf = cx.cf;
   const int64_t H = cx.H, Dk = cx.Dk, Dv = cx.Dv, DkDv = Dk * Dv, C = cf.C;
   const int64_t begin = cx.begin(n), L = cx.len(n), off = cx.state_off(n, h);
@@ -1173,7 +1195,7 @@ struct BwdRunner {
       Work<T> w;
       w.init(Cb, Dk, Dv);
       BWork<T> bw;
-      bw.init(Cb, Dk, Dv, S, MOM, nstart);
+      bw.init(Cb, Dk, Dv, S, MOM, nstart, RET == kRetL2 && l2_bwd_dual());
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
