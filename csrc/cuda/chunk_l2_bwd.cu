@@ -218,14 +218,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t row0 = (bos + t0) * H + h;
     const int64_t slot_off = ((base + c) * H + h) * DK * DV + v0;
 
-    // 1. save the carry (gradient arriving at this chunk's end); loads.
-    dW.template store<T>(w.dWC + slot_off, DV, nullptr, scratch);
-    if (has_mom) dP.template store<T>(w.dPC + slot_off, DV, nullptr, scratch);
-    // (T tiles by cp.async, all issued before the fp32 loads; one wait)
+    // 1. loads (T tiles by cp.async, issued first so that they are in flight while the carry is
+    //    stored; then the fp32 W0 tile; one wait); save the carry (gradient arriving at this chunk's end).
     load_tile_t<T>(sQ, LK, gq + row0 * DK, H * DK, C, len, DK, false);
     load_tile_t<T>(sK, LK, gk + row0 * DK, H * DK, C, len, DK, false);
     load_tile_t<T>(sdO, LB, gdO + row0 * DV + v0, H * DV, C, len, kBV, false);
     load_tile_t<T>(sVr, kBV, gv + row0 * DV + v0, H * DV, C, len, kBV, false);
+    dW.template store<T>(w.dWC + slot_off, DV, nullptr, scratch);
+    if (has_mom) dP.template store<T>(w.dPC + slot_off, DV, nullptr, scratch);
     if (threadIdx.x < C) {  // this chunk's gates (fetched one chunk ahead) -> shared
       sal[threadIdx.x] = g4[0];
       sbe[threadIdx.x] = g4[1];
@@ -365,33 +365,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // ---- per-chunk gradient kernel --------------------------------------------------------------------
-constexpr int kKT = 64;  // Dk tile of the dq/dk loop
+constexpr int kKT = 32;  // Dk tile of the dq/dk loop (32: all four state tiles of a Dk tile fit at once)
 
+// MMA operand rows are padded (T: +8 elements, fp32: +4) against shared-memory bank conflicts.
 template <int DK, int DV>
 struct BwdChunkSmem {
-  size_t Q, K, dO, Psi, dE, Z, F, S, DS, St, Y, dQt, dKt, dRg, dRb, Mg, Mb, Lg, Lb, GF, M, al, be, gam, Eb, fv,
-      Fl, Lbl, Gg, Gf, r1, r2, red, total;
+  static constexpr int LQ = DK + 8, LV = DV + 8, LY = kKT + 4;
+  static MIRAS_HD int LC(int C) { return C + 4; }  // fp32 S, DS
+  static MIRAS_HD int LM(int C) { return C + 8; }  // T M
+  size_t Q, K, dO, Psi, dE, Z, F, S, DS, SW, SP, SG, SD, Y1, Y2, dQt, dKt, dRg, dRb, Mg, Mb, Lg, Lb, GF, M, al, be,
+      gam, Eb, fv, Fl, Lbl, Gg, Gf, r1, r2, red, total;
   MIRAS_HD BwdChunkSmem(int C) {
     Carve c;
     auto a128 = [](size_t b) { return (b + 127) & ~size_t(127); };
-    const size_t cc4 = a128(sizeof(float) * C * C);
+    const size_t cc4 = a128(sizeof(float) * C * C), cs4 = a128(sizeof(float) * C * LC(C));
     // region In (phases A-B) followed by region Z; phase C overlays both.
     const size_t in0 = c.off;
-    Q = c.take(sizeof(uint16_t) * C * DK);
-    K = c.take(sizeof(uint16_t) * C * DK);
-    dO = c.take(sizeof(uint16_t) * C * DV);
-    Psi = c.take(sizeof(uint16_t) * C * DV);
-    dE = c.take(sizeof(uint16_t) * C * DV);
-    const size_t zA = 3 * cc4;
-    const size_t st = a128(sizeof(uint16_t) * kKT * DV), ct = a128(sizeof(float) * C * kKT);
-    const size_t zB = st + 3 * ct;
+    Q = c.take(sizeof(uint16_t) * C * LQ);
+    K = c.take(sizeof(uint16_t) * C * LQ);
+    dO = c.take(sizeof(uint16_t) * C * LV);
+    Psi = c.take(sizeof(uint16_t) * C * LV);
+    dE = c.take(sizeof(uint16_t) * C * LV);
+    const size_t zA = cc4 + 2 * cs4;
+    // phase B: the four state tiles of one Dk tile (W0, P0, dW_C, dP_C rows k0..k0+kKT) and Y1, Y2, dQt, dKt
+    const size_t st = a128(sizeof(uint16_t) * kKT * LV), ct = a128(sizeof(float) * C * LY);
+    const size_t zB = 4 * st + 4 * ct;
     Z = c.take(zA > zB ? zA : zB);
     F = Z;
     S = Z + cc4;
-    DS = Z + 2 * cc4;
-    St = Z;
-    Y = Z + st;
-    dQt = Y + ct;
+    DS = Z + cc4 + cs4;
+    SW = Z;
+    SP = Z + st;
+    SG = Z + 2 * st;
+    SD = Z + 3 * st;
+    Y1 = Z + 4 * st;
+    Y2 = Y1 + ct;
+    dQt = Y2 + ct;
     dKt = dQt + ct;
     const size_t crr = a128(sizeof(float) * C * (C + 1));
     const size_t needC = 4 * crr;
@@ -402,8 +411,8 @@ struct BwdChunkSmem {
     Mb = in0 + 3 * crr;
     Lg = c.take(sizeof(float) * C * C);
     Lb = c.take(sizeof(float) * C * C);
-    GF = c.take(sizeof(float) * C * C);
-    M = c.take(sizeof(uint16_t) * C * C);
+    GF = c.take(sizeof(float) * C * (C + 1));  // row stride C + 1: phase C walks rows and columns
+    M = c.take(sizeof(uint16_t) * C * LM(C));
     al = c.take(sizeof(float) * C);
     be = c.take(sizeof(float) * C);
     gam = c.take(sizeof(float) * C);
@@ -420,19 +429,19 @@ struct BwdChunkSmem {
   }
 };
 
-// Row-wise: for each row t (a warp per row), Y[t][a] (a < kKT): acc[t] += mul * sum_a Y[t][a] * Xr[t][k0 + a],
-// and D[t][a] += coef[t] * Y[t][a] (when D).
+// Row-wise: for each row t (a warp per row), Y[t][a] (a < kKT, row stride ly): acc[t] += mul * sum_a Y[t][a] *
+// Xr[t][a], and D[t][a] += csign * coef[t] * Y[t][a] (D has row stride ly).
 template <typename T>
-__device__ __forceinline__ void rows_dot_axpy(int C, const float* Y, const T* Xr, int ldx, float mul, float* acc,
-                                              float* D, const float* coef, float csign) {
+__device__ __forceinline__ void rows_dot_axpy(int C, const float* Y, int ly, const T* Xr, int ldx, float mul,
+                                              float* acc, float* D, const float* coef, float csign) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int t = warp; t < C; t += kWarps) {
     float s = 0.f;
-    const float ct = D ? csign * coef[t] : 0.f;
+    const float ct = csign * coef[t];
     for (int a = lane; a < kKT; a += 32) {
-      const float y = Y[t * kKT + a];
+      const float y = Y[t * ly + a];
       s += y * to_f(Xr[t * ldx + a]);
-      if (D) D[t * kKT + a] += ct * y;
+      D[t * ly + a] += ct * y;
     }
     s = warp_sum(s);
     if (lane == 0) acc[t] += mul * s;
@@ -466,11 +475,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* sdO = reinterpret_cast<T*>(smem + L.dO);
   T* sPsi = reinterpret_cast<T*>(smem + L.Psi);
   T* sdE = reinterpret_cast<T*>(smem + L.dE);
+  constexpr int LQ = BwdChunkSmem<DK, DV>::LQ, LV = BwdChunkSmem<DK, DV>::LV, LY = BwdChunkSmem<DK, DV>::LY;
+  const int LC = BwdChunkSmem<DK, DV>::LC(C), LM = BwdChunkSmem<DK, DV>::LM(C);
   float* sF = reinterpret_cast<float*>(smem + L.F);
   float* sS = reinterpret_cast<float*>(smem + L.S);
   float* sDS = reinterpret_cast<float*>(smem + L.DS);
-  T* sSt = reinterpret_cast<T*>(smem + L.St);
-  float* sY = reinterpret_cast<float*>(smem + L.Y);
+  T* sSW = reinterpret_cast<T*>(smem + L.SW);
+  T* sSP = reinterpret_cast<T*>(smem + L.SP);
+  T* sSG = reinterpret_cast<T*>(smem + L.SG);
+  T* sSD = reinterpret_cast<T*>(smem + L.SD);
+  float* sY1 = reinterpret_cast<float*>(smem + L.Y1);
+  float* sY2 = reinterpret_cast<float*>(smem + L.Y2);
   float* sdQt = reinterpret_cast<float*>(smem + L.dQt);
   float* sdKt = reinterpret_cast<float*>(smem + L.dKt);
   float* sdRg = reinterpret_cast<float*>(smem + L.dRg);
@@ -499,80 +514,95 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* dWC = w.dWC + slot_off;
   const float* dPC = has_mom ? w.dPC + slot_off : nullptr;
 
-  // 0. loads; chunk scalars s1 = <W0, dW_C>, s2 = <P0, dW_C>, s3 = <P0, dP_C> (fp32).
-  load_tile_t<T>(sQ, DK, static_cast<const T*>(p.q) + row0 * DK, H * DK, C, len, DK, false);
-  load_tile_t<T>(sK, DK, static_cast<const T*>(p.k) + row0 * DK, H * DK, C, len, DK, false);
-  load_tile_t<T>(sdO, DV, static_cast<const T*>(bp_.dO) + row0 * DV, H * DV, C, len, DV, false);
-  load_tile_t<T>(sPsi, DV, static_cast<const T*>(w.psi) + row0 * DV, H * DV, C, len, DV, false);
-  load_tile_t<T>(sdE, DV, static_cast<const T*>(w.dE) + row0 * DV, H * DV, C, len, DV, false);
-  load_gates(p, row0, H, C, len, sal, sbe, nullptr, nullptr);
-  {
-    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-    uintptr_t al16 = reinterpret_cast<uintptr_t>(W0) | reinterpret_cast<uintptr_t>(dWC);
-    if (has_mom) al16 |= reinterpret_cast<uintptr_t>(P0) | reinterpret_cast<uintptr_t>(dPC);
-    if ((al16 & 15) == 0) {
-      // float4 loads, kLB per array in flight (the states are the bulk of this kernel's traffic)
-      constexpr int N4 = DK * DV / 4;
-      static_assert(N4 % (kLB * kThreads) == 0, "state size must divide into load batches");
-      const float4* W4 = reinterpret_cast<const float4*>(W0);
-      const float4* G4 = reinterpret_cast<const float4*>(dWC);
-      const float4* P4 = reinterpret_cast<const float4*>(P0);
-      const float4* D4 = reinterpret_cast<const float4*>(dPC);
-      auto dot4 = [](const float4& x, const float4& y) { return x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w; };
-      for (int i0 = threadIdx.x; i0 < N4; i0 += kLB * kThreads) {
-        float4 wv[kLB], gv[kLB], pv[kLB], dv[kLB];
+  // State tiles (rows k0..k0+kKT of W0, dW_C, P0, dP_C; fp32 global) go through registers: `issue`
+  // loads them (NB float4 per array per thread, all in flight together), `commit` converts them to T
+  // in shared memory and accumulates the chunk scalars s1 = <W0, dW_C>, s2 = <P0, dW_C>,
+  // s3 = <P0, dP_C> from the same registers (no separate pass over the states). The loads of tile k0
+  // are issued before the GEMMs that precede their use, so their latency overlaps that work.
+  constexpr int NB = kKT * DV / 4 / kThreads;
+  static_assert(NB >= 1 && (kKT * DV / 4) % kThreads == 0, "state tile must divide into float4 per thread");
+  uintptr_t al16 = reinterpret_cast<uintptr_t>(W0) | reinterpret_cast<uintptr_t>(dWC);
+  if (has_mom) al16 |= reinterpret_cast<uintptr_t>(P0) | reinterpret_cast<uintptr_t>(dPC);
+  const bool vec = (al16 & 15) == 0;
+  float4 rw[NB], rg[NB], rp[NB], rd[NB];
+  float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  auto issue = [&](int k0) {
+    if (!vec) return;
 #pragma unroll
-        for (int u = 0; u < kLB; ++u) {
-          wv[u] = W4[i0 + u * kThreads];
-          gv[u] = G4[i0 + u * kThreads];
-          if (has_mom) {
-            pv[u] = P4[i0 + u * kThreads];
-            dv[u] = D4[i0 + u * kThreads];
-          }
-        }
+    for (int u = 0; u < NB; ++u) {
+      const int64_t off = (int64_t)k0 * DV + (threadIdx.x + u * kThreads) * 4;
+      rw[u] = *reinterpret_cast<const float4*>(W0 + off);
+      rg[u] = *reinterpret_cast<const float4*>(dWC + off);
+      if (has_mom) {
+        rp[u] = *reinterpret_cast<const float4*>(P0 + off);
+        rd[u] = *reinterpret_cast<const float4*>(dPC + off);
+      }
+    }
+  };
+  auto put4 = [](T* d, const float4& x) {
+    d[0] = to_t<T>(x.x);
+    d[1] = to_t<T>(x.y);
+    d[2] = to_t<T>(x.z);
+    d[3] = to_t<T>(x.w);
+  };
+  auto dot4 = [](const float4& x, const float4& y) { return x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w; };
+  auto commit = [&](int k0) {
+    if (vec) {
 #pragma unroll
-        for (int u = 0; u < kLB; ++u) {
-          a1 += dot4(wv[u], gv[u]);
-          if (has_mom) {
-            a2 += dot4(pv[u], gv[u]);
-            a3 += dot4(pv[u], dv[u]);
-          }
+      for (int u = 0; u < NB; ++u) {
+        const int idx = threadIdx.x + u * kThreads;  // float4 index inside the kKT x DV tile
+        const int e = (idx / (DV / 4)) * LV + (idx % (DV / 4)) * 4;
+        put4(sSW + e, rw[u]);
+        put4(sSG + e, rg[u]);
+        a1 += dot4(rw[u], rg[u]);
+        if (has_mom) {
+          put4(sSP + e, rp[u]);
+          put4(sSD + e, rd[u]);
+          a2 += dot4(rp[u], rg[u]);
+          a3 += dot4(rp[u], rd[u]);
         }
       }
     } else {
-      for (int idx = threadIdx.x; idx < DK * DV; idx += blockDim.x) {
-        const float g = dWC[idx];
-        a1 += W0[idx] * g;
+      for (int idx = threadIdx.x; idx < kKT * DV; idx += blockDim.x) {
+        const int64_t g = (int64_t)k0 * DV + idx;
+        const int e = (idx / DV) * LV + idx % DV;
+        const float wv = W0[g], gv = dWC[g];
+        sSW[e] = to_t<T>(wv);
+        sSG[e] = to_t<T>(gv);
+        a1 += wv * gv;
         if (has_mom) {
-          const float pv = P0[idx];
-          a2 += pv * g;
-          a3 += pv * dPC[idx];
+          const float pv = P0[g], dv = dPC[g];
+          sSP[e] = to_t<T>(pv);
+          sSD[e] = to_t<T>(dv);
+          a2 += pv * gv;
+          a3 += pv * dv;
         }
       }
     }
-    a1 = warp_sum(a1);
-    a2 = warp_sum(a2);
-    a3 = warp_sum(a3);
-    if (lane == 0) {
-      sred[warp * 4 + 0] = a1;
-      sred[warp * 4 + 1] = a2;
-      sred[warp * 4 + 2] = a3;
-    }
-  }
+  };
+
+  // 0. loads (T tiles by cp.async, gates, the first state tile into registers).
+  load_tile_t<T>(sQ, LQ, static_cast<const T*>(p.q) + row0 * DK, H * DK, C, len, DK, false);
+  load_tile_t<T>(sK, LQ, static_cast<const T*>(p.k) + row0 * DK, H * DK, C, len, DK, false);
+  load_tile_t<T>(sdO, LV, static_cast<const T*>(bp_.dO) + row0 * DV, H * DV, C, len, DV, false);
+  load_tile_t<T>(sPsi, LV, static_cast<const T*>(w.psi) + row0 * DV, H * DV, C, len, DV, false);
+  load_tile_t<T>(sdE, LV, static_cast<const T*>(w.dE) + row0 * DV, H * DV, C, len, DV, false);
+  load_gates(p, row0, H, C, len, sal, sbe, nullptr, nullptr);
+  issue(0);
   cp_async_wait_all();
   __syncthreads();
 
   // A. gates; S = Q K^T (unscaled); DS = dO Psi~^T; then
   //    dS = -DS (lower), GF = (Q~K^T) o dS, M = scale * F o dS (the (F o dS) operand, q-scale folded).
   gate_mats(C, sal, sbe, sLg, sLb, sF, sgam, sEb, sfv);
-  block_gemm<T, true, false>(C, C, DK, sQ, DK, sK, DK, sS, C, false);
-  block_gemm<T, true, false>(C, C, DV, sdO, DV, sPsi, DV, sDS, C, false);
+  block_gemm<T, true, false>(C, C, DK, sQ, LQ, sK, LQ, sS, LC, false);
+  block_gemm<T, true, false>(C, C, DV, sdO, LV, sPsi, LV, sDS, LC, false);
   __syncthreads();
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
     const int t = idx / C, i = idx % C;
-    const float dS = i <= t ? -sDS[idx] : 0.f;
-    sGF[idx] = scale * sS[idx] * dS;
-    sM[idx] = to_t<T>(scale * sF[idx] * dS);
+    const float dS = i <= t ? -sDS[t * LC + i] : 0.f;
+    sGF[t * (C + 1) + i] = scale * sS[t * LC + i] * dS;
+    sM[t * LM + i] = to_t<T>(scale * sF[idx] * dS);
   }
   for (int i = threadIdx.x; i < C; i += blockDim.x) {
     sFl[i] = sF[last * C + i];
@@ -584,55 +614,54 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // B. dq, dk by Dk tiles of 64 columns (rows k0.. of the states).
+  // B. dq, dk by Dk tiles of kKT columns (rows k0.. of the states).
   float* gdq = static_cast<float*>(bp_.dq);
   float* gdk = static_cast<float*>(bp_.dk);
   for (int k0 = 0; k0 < DK; k0 += kKT) {
-    // (a) (F o dS) K and (F o dS)^T Q~; W0 rows -> St
-    load_tile_f2t<T, 8>(sSt, DV, W0 + (int64_t)k0 * DV, DV, kKT, DV);
-    block_gemm<T, true, true>(C, kKT, C, sM, C, sK + k0, DK, sdQt, kKT, false);
-    block_gemm<T, false, true>(C, kKT, C, sM, C, sQ + k0, DK, sdKt, kKT, false);
+    // (a) (F o dS) K and (F o dS)^T Q~ while this tile's state loads are in flight; then the state
+    //     tiles -> shared (F and S/DS of region Z are dead: the tiles overlay them)
+    if (k0 > 0) issue(k0);
+    block_gemm<T, true, true>(C, kKT, C, sM, LM, sK + k0, LQ, sdQt, LY, false);
+    block_gemm<T, false, true>(C, kKT, C, sM, LM, sQ + k0, LQ, sdKt, LY, false);
+    commit(k0);
     __syncthreads();
-    // (b) Y = dO W0^T: dq += scale g_t Y, Gg += scale <Y_t, q_t>;  dk += dE W0^T
-    block_gemm<T, true, false>(C, kKT, DV, sdO, DV, sSt, DV, sY, kKT, false);
-    block_gemm<T, true, false>(C, kKT, DV, sdE, DV, sSt, DV, sdKt, kKT, true);
+    // (b) Y1 = dO W0^T, Y2 = Psi~ dW_C^T, dk += dE W0^T
+    block_gemm<T, true, false>(C, kKT, DV, sdO, LV, sSW, LV, sY1, LY, false);
+    block_gemm<T, true, false>(C, kKT, DV, sPsi, LV, sSG, LV, sY2, LY, false);
+    block_gemm<T, true, false>(C, kKT, DV, sdE, LV, sSW, LV, sdKt, LY, true);
     __syncthreads();
-    rows_dot_axpy<T>(C, sY, sQ + k0, DK, scale, sGg, sdQt, sgam, scale);
+    //     dq += scale g_t Y1, Gg += scale <Y1_t, q_t>;  dk -= F_C[i] Y2, r1 += <Y2_i, k_i>
+    rows_dot_axpy<T>(C, sY1, LY, sQ + k0, LQ, scale, sGg, sdQt, sgam, scale);
+    rows_dot_axpy<T>(C, sY2, LY, sK + k0, LQ, 1.f, sr1, sdKt, sFl, -1.f);
     __syncthreads();
-    // (c) momentum: Y = dO P0^T: dq += scale f_t Y, Gf += scale <Y_t, q_t>
+    // (c) momentum: Y1 = dO P0^T, Y2 = Psi~ dP_C^T: dq += scale f_t Y1, Gf += scale <Y1_t, q_t>;
+    //     dk -= Lb_C[i] Y2, r2 += <Y2_i, k_i>
     if (has_mom) {
-      load_tile_f2t<T, 8>(sSt, DV, P0 + (int64_t)k0 * DV, DV, kKT, DV);
+      block_gemm<T, true, false>(C, kKT, DV, sdO, LV, sSP, LV, sY1, LY, false);
+      block_gemm<T, true, false>(C, kKT, DV, sPsi, LV, sSD, LV, sY2, LY, false);
       __syncthreads();
-      block_gemm<T, true, false>(C, kKT, DV, sdO, DV, sSt, DV, sY, kKT, false);
-      __syncthreads();
-      rows_dot_axpy<T>(C, sY, sQ + k0, DK, scale, sGf, sdQt, sfv, scale);
+      rows_dot_axpy<T>(C, sY1, LY, sQ + k0, LQ, scale, sGf, sdQt, sfv, scale);
+      rows_dot_axpy<T>(C, sY2, LY, sK + k0, LQ, 1.f, sr2, sdKt, sLbl, -1.f);
       __syncthreads();
     }
-    // (d) Y = Psi~ dW_C^T: dk -= F_C[i] Y, r1 += <Y_i, k_i>
-    load_tile_f2t<T, 8>(sSt, DV, dWC + (int64_t)k0 * DV, DV, kKT, DV);
-    __syncthreads();
-    block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
-    __syncthreads();
-    rows_dot_axpy<T>(C, sY, sK + k0, DK, 1.f, sr1, sdKt, sFl, -1.f);
-    __syncthreads();
-    // (e) momentum: Y = Psi~ dP_C^T: dk -= Lb_C[i] Y, r2 += <Y_i, k_i>
-    if (has_mom) {
-      load_tile_f2t<T, 8>(sSt, DV, dPC + (int64_t)k0 * DV, DV, kKT, DV);
-      __syncthreads();
-      block_gemm<T, true, false>(C, kKT, DV, sPsi, DV, sSt, DV, sY, kKT, false);
-      __syncthreads();
-      rows_dot_axpy<T>(C, sY, sK + k0, DK, 1.f, sr2, sdKt, sLbl, -1.f);
-      __syncthreads();
-    }
-    // (f) write this Dk tile of dq, dk
+    // (d) write this Dk tile of dq, dk
     for (int idx = threadIdx.x; idx < len * kKT; idx += blockDim.x) {
       const int t = idx / kKT, a = idx % kKT;
       const int64_t g = (row0 + (int64_t)t * H) * DK + k0 + a;
-      gdq[g] = sdQt[idx];
-      gdk[g] = sdKt[idx];
+      gdq[g] = sdQt[t * LY + a];
+      gdk[g] = sdKt[t * LY + a];
     }
     __syncthreads();
   }
+  a1 = warp_sum(a1);
+  a2 = warp_sum(a2);
+  a3 = warp_sum(a3);
+  if (lane == 0) {
+    sred[warp * 4 + 0] = a1;
+    sred[warp * 4 + 1] = a2;
+    sred[warp * 4 + 2] = a3;
+  }
+  __syncthreads();
 
   // C. gate gradients (regions In and Z are dead: dRg, dRb, Mg, Mb overlay them).
   if (threadIdx.x == 0) {
@@ -644,7 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sGg[last] += s1;  // <W0, dW_C>: gamma_C in W_C
     sGf[last] += s2;  // <P0, dW_C>: f_C in W_C
   }
-  for (int i = threadIdx.x; i <= last; i += blockDim.x) sGF[last * C + i] -= sr1[i];  // F_C in W_C
+  for (int i = threadIdx.x; i <= last; i += blockDim.x) sGF[last * (C + 1) + i] -= sr1[i];  // F_C in W_C
   __syncthreads();
   float s3 = 0.f;
   for (int k = 0; k < kWarps; ++k) s3 += sred[k * 4 + 2];  // <P0, dP_C>: e^{d_C} in P_C
@@ -661,10 +690,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int t = task;
       sdRg[t * C1] = sGg[t];
       float x = 0.f;
+#pragma unroll 4
       for (int s2 = 0; s2 < C; ++s2) {
         float g = 0.f;
         if (s2 <= t) {
-          x = sGF[t * C + s2] + (s2 > 0 ? sbe[s2] * x : 0.f);
+          x = sGF[t * C1 + s2] + (s2 > 0 ? sbe[s2] * x : 0.f);
           g = x + sGf[t] * sEb[s2];
         }
         sdRg[t * C1 + s2 + 1] = g;
@@ -672,16 +702,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else if (task < 2 * C) {
       const int i = task - C;
       float y = 0.f;
+#pragma unroll 4
       for (int s2 = C - 1; s2 >= 0; --s2) {
         float bb = 0.f;
         if (s2 >= i) {
-          y = sGF[s2 * C + i] + (s2 + 1 < C ? sal[s2 + 1] * y : 0.f);
+          y = sGF[s2 * C1 + i] + (s2 + 1 < C ? sal[s2 + 1] * y : 0.f);
           bb = y - (s2 == last ? sr2[i] : 0.f);
         }
         sdRb[s2 * C1 + i + 1] = bb;
       }
     } else {
       float z = 0.f;
+#pragma unroll 4
       for (int s2 = C - 1; s2 >= 0; --s2) {
         z = sGf[s2] + (s2 + 1 < C ? sal[s2 + 1] * z : 0.f);
         sdRb[s2 * C1] = z + ((s2 == last && has_mom) ? s3 : 0.f);
@@ -699,6 +731,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* Mo = isb ? sMb : sMg;
     float m = dR[t * C1];
     Mo[t * C1] = m;
+#pragma unroll 4
     for (int r = 0; r < C; ++r) {
       float out = 0.f;
       if (r <= t - 1) {
@@ -714,6 +747,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* gdb = static_cast<float*>(bp_.dmomentum);
   for (int j = threadIdx.x; j < len; j += blockDim.x) {
     float da = 0.f, db = 0.f;
+#pragma unroll 4
     for (int t = j; t < C; ++t) {
       da += sLg[t * C + j] * sMg[t * C1 + j];
       db += sLb[t * C + j] * sMb[t * C1 + j];
