@@ -181,17 +181,20 @@ struct Vec {
   static constexpr int W = int(MIRAS_CPU_VBYTES / sizeof(T));
 };
 
-// Cm[M x N] (+)= A[M x K] * B[K x N], row-major with leading dimensions. Every output element is
-// summed over kk in increasing order (the same in the blocked and the tail paths). Register
-// micro-kernel: 4 rows x 2 vectors of accumulators.
-template <typename T>
-void gemm_nn(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t lda,
+// Cm[M x N] (+)= op(A) * B[K x N], row-major with leading dimensions; op(A) = A [M x K]
+// (TA = false) or A^T with A stored K x M (TA = true). Every output element is summed over kk in
+// increasing order (the same in the blocked and the tail paths). Register micro-kernel: 4 rows x
+// 2 vectors of accumulators; the broadcasts read a row of A, or a column when TA.
+template <typename T, bool TA>
+void gemm_ab(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t lda,
              const T* MIRAS_RESTRICT B, int64_t ldb, T* MIRAS_RESTRICT Cm, int64_t ldc,
              bool accumulate) {
   typedef typename Vec<T>::type V;
   constexpr int W = Vec<T>::W;
   constexpr int MB = 4;
   constexpr int NB = 2 * W;
+  // op(A)[m, kk]
+  auto at = [&](int64_t m, int64_t kk) -> T { return TA ? A[kk * lda + m] : A[m * lda + kk]; };
   int64_t m0 = 0;
   for (; m0 + MB <= M; m0 += MB) {
     int64_t n0 = 0;
@@ -207,20 +210,16 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t
         c20 = *(const V*)c2; c21 = *(const V*)(c2 + W);
         c30 = *(const V*)c3; c31 = *(const V*)(c3 + W);
       } else {
-        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = V{} ;
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = V{};
       }
-      const T* a0 = A + (m0 + 0) * lda;
-      const T* a1 = A + (m0 + 1) * lda;
-      const T* a2 = A + (m0 + 2) * lda;
-      const T* a3 = A + (m0 + 3) * lda;
       const T* b = B + n0;
       for (int64_t kk = 0; kk < K; ++kk, b += ldb) {
         const V b0 = *(const V*)b, b1 = *(const V*)(b + W);
         V x;
-        x = V{} + a0[kk]; c00 += x * b0; c01 += x * b1;
-        x = V{} + a1[kk]; c10 += x * b0; c11 += x * b1;
-        x = V{} + a2[kk]; c20 += x * b0; c21 += x * b1;
-        x = V{} + a3[kk]; c30 += x * b0; c31 += x * b1;
+        x = V{} + at(m0 + 0, kk); c00 += x * b0; c01 += x * b1;
+        x = V{} + at(m0 + 1, kk); c10 += x * b0; c11 += x * b1;
+        x = V{} + at(m0 + 2, kk); c20 += x * b0; c21 += x * b1;
+        x = V{} + at(m0 + 3, kk); c30 += x * b0; c31 += x * b1;
       }
       *(V*)c0 = c00; *(V*)(c0 + W) = c01;
       *(V*)c1 = c10; *(V*)(c1 + W) = c11;
@@ -230,7 +229,7 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t
     for (int64_t j = n0; j < N; ++j)
       for (int r = 0; r < MB; ++r) {
         T s = accumulate ? Cm[(m0 + r) * ldc + j] : T(0);
-        for (int64_t kk = 0; kk < K; ++kk) s += A[(m0 + r) * lda + kk] * B[kk * ldb + j];
+        for (int64_t kk = 0; kk < K; ++kk) s += at(m0 + r, kk) * B[kk * ldb + j];
         Cm[(m0 + r) * ldc + j] = s;
       }
   }
@@ -239,11 +238,23 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t
     if (!accumulate)
       for (int64_t j = 0; j < N; ++j) crow[j] = T(0);
     for (int64_t kk = 0; kk < K; ++kk) {
-      const T a = A[m0 * lda + kk];
+      const T a = at(m0, kk);
       const T* MIRAS_RESTRICT b = B + kk * ldb;
       for (int64_t j = 0; j < N; ++j) crow[j] += a * b[j];
     }
   }
+}
+
+// Cm (+)= A B (A: M x K) and Cm (+)= A^T B (A stored K x M).
+template <typename T>
+void gemm_nn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* Cm,
+             int64_t ldc, bool accumulate) {
+  gemm_ab<T, false>(M, N, K, A, lda, B, ldb, Cm, ldc, accumulate);
+}
+template <typename T>
+void gemm_tn(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* Cm,
+             int64_t ldc, bool accumulate) {
+  gemm_ab<T, true>(M, N, K, A, lda, B, ldb, Cm, ldc, accumulate);
 }
 
 // out[c x r] = in[r x c]^T

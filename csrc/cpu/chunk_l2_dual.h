@@ -55,67 +55,6 @@ struct L2DualWork {
   }
 };
 
-// Cm[M x N] (+)= op(A) B with op(A) = A^T (A stored K x M, leading dimension lda): gemm_nn's
-// register micro-kernel (4 rows x 2 vectors), the broadcasts read a column of A instead of a row.
-template <typename T>
-void gemm_tn(int64_t M, int64_t N, int64_t K, const T* MIRAS_RESTRICT A, int64_t lda,
-             const T* MIRAS_RESTRICT B, int64_t ldb, T* MIRAS_RESTRICT Cm, int64_t ldc,
-             bool accumulate) {
-  typedef typename Vec<T>::type V;
-  constexpr int W = Vec<T>::W;
-  constexpr int MB = 4;
-  constexpr int NB = 2 * W;
-  int64_t m0 = 0;
-  for (; m0 + MB <= M; m0 += MB) {
-    int64_t n0 = 0;
-    for (; n0 + NB <= N; n0 += NB) {
-      V c00, c01, c10, c11, c20, c21, c30, c31;
-      T* c0 = Cm + (m0 + 0) * ldc + n0;
-      T* c1 = Cm + (m0 + 1) * ldc + n0;
-      T* c2 = Cm + (m0 + 2) * ldc + n0;
-      T* c3 = Cm + (m0 + 3) * ldc + n0;
-      if (accumulate) {
-        c00 = *(const V*)c0; c01 = *(const V*)(c0 + W);
-        c10 = *(const V*)c1; c11 = *(const V*)(c1 + W);
-        c20 = *(const V*)c2; c21 = *(const V*)(c2 + W);
-        c30 = *(const V*)c3; c31 = *(const V*)(c3 + W);
-      } else {
-        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = V{};
-      }
-      const T* a = A + m0;
-      const T* b = B + n0;
-      for (int64_t kk = 0; kk < K; ++kk, b += ldb, a += lda) {
-        const V b0 = *(const V*)b, b1 = *(const V*)(b + W);
-        V x;
-        x = V{} + a[0]; c00 += x * b0; c01 += x * b1;
-        x = V{} + a[1]; c10 += x * b0; c11 += x * b1;
-        x = V{} + a[2]; c20 += x * b0; c21 += x * b1;
-        x = V{} + a[3]; c30 += x * b0; c31 += x * b1;
-      }
-      *(V*)c0 = c00; *(V*)(c0 + W) = c01;
-      *(V*)c1 = c10; *(V*)(c1 + W) = c11;
-      *(V*)c2 = c20; *(V*)(c2 + W) = c21;
-      *(V*)c3 = c30; *(V*)(c3 + W) = c31;
-    }
-    for (int64_t j = n0; j < N; ++j)
-      for (int r = 0; r < MB; ++r) {
-        T s = accumulate ? Cm[(m0 + r) * ldc + j] : T(0);
-        for (int64_t kk = 0; kk < K; ++kk) s += A[kk * lda + m0 + r] * B[kk * ldb + j];
-        Cm[(m0 + r) * ldc + j] = s;
-      }
-  }
-  for (; m0 < M; ++m0) {
-    T* MIRAS_RESTRICT crow = Cm + m0 * ldc;
-    if (!accumulate)
-      for (int64_t j = 0; j < N; ++j) crow[j] = T(0);
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const T a = A[kk * lda + m0];
-      const T* MIRAS_RESTRICT b = B + kk * ldb;
-      for (int64_t j = 0; j < N; ++j) crow[j] += a * b[j];
-    }
-  }
-}
-
 // out[c x r] = in[r x c]^T through 4x4 (float) / 2x2 (double) register blocks: 16-byte vector
 // loads and stores with two shuffle levels (about 4x the scalar transpose on 64 x 64 tiles).
 template <typename T>
