@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine with only Python and this repository.
+#   ./run.sh demo    set up and run the main job: `python -m miras demo` (recall tasks, table, plot)
 #   ./run.sh test    set up (venv, torch, build) and run the whole test suite   (CI runs this)
-#   ./run.sh bench   set up and run the main job: the quick CPU benchmark table
+#   ./run.sh bench   set up and run the quick CPU benchmark table
 #   ./run.sh setup   only set up
+# Extra arguments after `demo`, `test` and `bench` go to the demo, pytest and the benchmark.
 # Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1),
 # MIRAS_BUILD_CUDA (auto), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS.
 set -euo pipefail
@@ -24,12 +26,23 @@ setup() {
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  # Compiler cache for the C++ host compiles (and nvcc's host passes): torch's builder rejects a
+  # "ccache g++" compiler string, so use ccache's masquerade directory instead. MIRAS_NO_CCACHE=1 skips it.
+  if [ -z "${MIRAS_NO_CCACHE:-}" ] && [ -d /usr/lib/ccache ] && command -v ccache >/dev/null; then
+    export PATH="/usr/lib/ccache:$PATH" CCACHE_BASEDIR="$PWD" CC=${CC:-gcc} CXX=${CXX:-g++}
+  fi
   "$py" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v -E "^(WARNING: Location|  Running)" || true
   "$py" -c "import miras; print('miras', miras.__version__, 'cuda kernels built:', miras.has_cuda_kernels())"
 }
 
 case "${1:-test}" in
   setup) setup ;;
+  demo)
+    setup
+    shift || true
+    "$VENV/bin/python" -m pip install -q matplotlib || echo "matplotlib not installed: the demo skips its plot"
+    "$VENV/bin/python" -m miras demo "$@"
+    ;;
   test)
     setup
     shift || true
@@ -37,7 +50,8 @@ case "${1:-test}" in
     ;;
   bench)
     setup
-    "$VENV/bin/python" bench/bench_cpu.py --quick
+    shift || true
+    "$VENV/bin/python" bench/bench_cpu.py --quick "$@"
     ;;
-  *) echo "usage: $0 [test|bench|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [demo|test|bench|setup] [args...]" >&2; exit 2 ;;
 esac
