@@ -11,6 +11,10 @@ namespace miras {
 // CPU (csrc/cpu): dtype float32 or float64 for every pointer. OpenMP over sequences x heads.
 void chunk_fwd_cpu(const ChunkFwdParams& p);
 void chunk_bwd_cpu(const ChunkBwdParams& p);
+// The CPU implementation such a call runs, e.g. "cpu_scan avx2" or "cpu_l2_dual avx512" (the
+// family as core/names.h formats it; profiler ranges of the torch glue use it).
+const char* chunk_fwd_cpu_variant(const ChunkFwdParams& p);
+const char* chunk_bwd_cpu_variant(const ChunkBwdParams& p);
 
 // CUDA (csrc/cuda): `stream` is a cudaStream_t. The caller allocates `workspace` of at least the
 // queried size (bytes, 256-byte aligned) on the same device; it may be clobbered.

@@ -92,7 +92,26 @@ static int64_t slots_needed(const ChunkFwdParams& p) {
   return chunk_base(p.cu_seqlens, p.N, p.T, p.cfg.chunk_size);
 }
 
+// The one place that picks the instruction set of a call (used by the dispatch below and by the
+// variant names that profiler ranges show).
+enum class Isa { kPortable, kAvx2, kAvx512 };
+static Isa fwd_isa() { return use_avx2() ? Isa::kAvx2 : Isa::kPortable; }
+static Isa bwd_isa(const ChunkFwdParams& f) {
+  return (f.cfg.retention == kRetL2 && use_avx512()) ? Isa::kAvx512 : fwd_isa();
+}
+static bool bwd_dual(const ChunkFwdParams& f) { return f.cfg.retention == kRetL2 && portable::l2_bwd_dual(); }
+
 }  // namespace cpu
+
+const char* chunk_fwd_cpu_variant(const ChunkFwdParams&) {
+  return cpu::fwd_isa() == cpu::Isa::kAvx2 ? "cpu_scan avx2" : "cpu_scan portable";
+}
+
+const char* chunk_bwd_cpu_variant(const ChunkBwdParams& p) {
+  static const char* const names[2][3] = {{"cpu_scan portable", "cpu_scan avx2", "cpu_scan avx512"},
+                                          {"cpu_l2_dual portable", "cpu_l2_dual avx2", "cpu_l2_dual avx512"}};
+  return names[cpu::bwd_dual(p.fwd) ? 1 : 0][static_cast<int>(cpu::bwd_isa(p.fwd))];
+}
 
 void chunk_fwd_cpu(const ChunkFwdParams& p) {
   cpu::validate_fwd(p, "chunk_fwd_cpu");
@@ -104,7 +123,7 @@ void chunk_fwd_cpu(const ChunkFwdParams& p) {
                                   std::to_string(need_slots) + " chunks of the input");
   }
   if (p.N == 0) return;
-  if (cpu::use_avx2()) cpu::avx2::run_fwd(p);
+  if (cpu::fwd_isa() == cpu::Isa::kAvx2) cpu::avx2::run_fwd(p);
   else cpu::portable::run_fwd(p);
 }
 
@@ -125,9 +144,11 @@ void chunk_bwd_cpu(const ChunkBwdParams& p) {
                                   std::to_string(need_slots) + " chunks of the input");
   }
   if (f.N == 0) return;
-  if (f.cfg.retention == kRetL2 && cpu::use_avx512()) cpu::avx512::run_bwd_l2(p);
-  else if (cpu::use_avx2()) cpu::avx2::run_bwd(p);
-  else cpu::portable::run_bwd(p);
+  switch (cpu::bwd_isa(f)) {
+    case cpu::Isa::kAvx512: cpu::avx512::run_bwd_l2(p); break;
+    case cpu::Isa::kAvx2: cpu::avx2::run_bwd(p); break;
+    default: cpu::portable::run_bwd(p);
+  }
 }
 
 }  // namespace miras

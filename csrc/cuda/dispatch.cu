@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../core/backends.h"
+#include "../core/names.h"
 #include "kernels.h"
 
 namespace miras {
@@ -52,29 +53,12 @@ Family pick(const ChunkFwdParams& p) {
   throw std::invalid_argument(std::string("no CUDA kernel for this configuration: ") + scan_why);
 }
 
-const char* bias_name(int b) {
-  static const char* names[] = {"dot", "l2", "lp", "huber_yaad", "huber_coord", "huber_norm", "robust"};
-  return (b >= 0 && b < 7) ? names[b] : "?";
-}
-const char* retention_name(int r) {
-  static const char* names[] = {"l2", "kl", "elastic_net", "lq"};
-  return (r >= 0 && r < 4) ? names[r] : "?";
-}
-const char* dtype_name(int d) {
-  static const char* names[] = {"f32", "f64", "f16", "bf16"};
-  return (d >= 0 && d < 4) ? names[d] : "?";
-}
-
-// An NVTX range named after the op and its variant, e.g.
+// An NVTX range named after the op and its variant (core/names.h), e.g.
 // "miras.chunk_fwd[chunk_l2 bias=lp ret=l2 mom C=64 dk=128 dv=128 bf16]".
 struct NvtxRange {
   NvtxRange(const char* op, const ChunkFwdParams& p, Family f) {
     char buf[256];
-    std::snprintf(buf, sizeof(buf), "miras.%s[%s bias=%s ret=%s%s C=%lld dk=%lld dv=%lld %s]", op,
-                  f == Family::kChunkL2 ? "chunk_l2" : "scan", bias_name(p.cfg.bias),
-                  retention_name(p.cfg.retention), p.momentum ? " mom" : "",
-                  static_cast<long long>(p.cfg.chunk_size), static_cast<long long>(p.Dk),
-                  static_cast<long long>(p.Dv), dtype_name(p.dtype));
+    format_variant(buf, sizeof(buf), op, f == Family::kChunkL2 ? "chunk_l2" : "scan", p);
     nvtxRangePushA(buf);
   }
   ~NvtxRange() { nvtxRangePop(); }

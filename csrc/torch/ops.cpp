@@ -6,9 +6,13 @@
 // params structs of csrc/core/params.h.
 #include "common.h"
 
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
 #include <stdexcept>
+#include <string>
+
+#include "../core/names.h"
 
 namespace miras {
 namespace torch_glue {
@@ -177,6 +181,20 @@ void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs&
   prm.num_chunk_slots = pr.slots;
 }
 
+// A torch.profiler range around a CPU backend call, named like the CUDA backend's NVTX ranges
+// (core/names.h), e.g. "miras.chunk_bwd[cpu_l2_dual avx512 bias=lp ret=l2 mom C=64 dk=64 dv=64 f32]".
+// Costs one thread-local check when no profiler is running: the name is built only when one is.
+struct CpuRange {
+  template <typename Family>
+  CpuRange(const char* op, const ChunkFwdParams& fwd, Family family) : guard(at::RecordScope::USER_SCOPE) {
+    if (!guard.isActive()) return;
+    char buf[256];
+    format_variant(buf, sizeof(buf), op, family(), fwd);
+    guard.before(std::string_view(buf), c10::ArrayRef<const c10::IValue>{});
+  }
+  at::RecordFunction guard;
+};
+
 void run_fwd(const ChunkFwdParams& prm, const at::Tensor& q) {
   if (q.is_cuda()) {
 #ifdef MIRAS_WITH_CUDA
@@ -186,6 +204,7 @@ void run_fwd(const ChunkFwdParams& prm, const at::Tensor& q) {
                        "move the tensors to the CPU or rebuild with CUDA");
 #endif
   } else {
+    CpuRange range("chunk_fwd", prm, [&] { return chunk_fwd_cpu_variant(prm); });
     run_guarded([&] { chunk_fwd_cpu(prm); });
   }
 }
@@ -198,6 +217,7 @@ void run_bwd(const ChunkBwdParams& prm, const at::Tensor& q) {
     TORCH_CHECK(false, "miras: this build has no CUDA kernels");
 #endif
   } else {
+    CpuRange range("chunk_bwd", prm.fwd, [&] { return chunk_bwd_cpu_variant(prm); });
     run_guarded([&] { chunk_bwd_cpu(prm); });
   }
 }
