@@ -112,7 +112,12 @@ def _rounded(args, kw, dtype):
     """float32 cases: the inputs rounded to float32 (then exact in the file and in the C program)."""
     if dtype == F64:
         return args, kw
-    r = lambda t: t.to(torch.float32).to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+
+    def r(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.to(torch.float32).to(torch.float64)
+        return t
+
     return [r(a) for a in args], {k: r(v) for k, v in kw.items()}
 
 

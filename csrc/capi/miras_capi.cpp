@@ -26,14 +26,16 @@ namespace {
 using namespace miras;
 
 // The C enums are the backends' codes (csrc/core/params.h).
-static_assert(MIRAS_FLOAT32 == kFloat32 && MIRAS_FLOAT64 == kFloat64 && MIRAS_FLOAT16 == kFloat16 &&
-              MIRAS_BFLOAT16 == kBFloat16, "miras_dtype must match miras::DType");
-static_assert(MIRAS_BIAS_DOT == kBiasDot && MIRAS_BIAS_L2 == kBiasL2 && MIRAS_BIAS_LP == kBiasLp &&
-              MIRAS_BIAS_HUBER_YAAD == kBiasHuberYaad && MIRAS_BIAS_HUBER_COORD == kBiasHuberCoord &&
-              MIRAS_BIAS_HUBER_NORM == kBiasHuberNorm && MIRAS_BIAS_ROBUST == kBiasRobust,
+constexpr bool same(int c_code, int core_code) { return c_code == core_code; }
+static_assert(same(MIRAS_FLOAT32, kFloat32) && same(MIRAS_FLOAT64, kFloat64) && same(MIRAS_FLOAT16, kFloat16) &&
+                  same(MIRAS_BFLOAT16, kBFloat16),
+              "miras_dtype must match miras::DType");
+static_assert(same(MIRAS_BIAS_DOT, kBiasDot) && same(MIRAS_BIAS_L2, kBiasL2) && same(MIRAS_BIAS_LP, kBiasLp) &&
+                  same(MIRAS_BIAS_HUBER_YAAD, kBiasHuberYaad) && same(MIRAS_BIAS_HUBER_COORD, kBiasHuberCoord) &&
+                  same(MIRAS_BIAS_HUBER_NORM, kBiasHuberNorm) && same(MIRAS_BIAS_ROBUST, kBiasRobust),
               "miras_bias must match miras::BiasKind");
-static_assert(MIRAS_RETENTION_L2 == kRetL2 && MIRAS_RETENTION_KL == kRetKL &&
-              MIRAS_RETENTION_ELASTIC_NET == kRetElasticNet && MIRAS_RETENTION_LQ == kRetLq,
+static_assert(same(MIRAS_RETENTION_L2, kRetL2) && same(MIRAS_RETENTION_KL, kRetKL) &&
+                  same(MIRAS_RETENTION_ELASTIC_NET, kRetElasticNet) && same(MIRAS_RETENTION_LQ, kRetLq),
               "miras_retention must match miras::RetentionKind");
 
 // ---- errors -------------------------------------------------------------------------------
@@ -275,8 +277,11 @@ Call prepare_chunk(const miras_config* config, const miras_chunk_inputs* in, int
     const miras_tensor& cu = *in->cu_seqlens;
     if (cu.ndim != 1 || cu.shape[0] < 2)
       fail(MIRAS_ERROR_SHAPE, "cu_seqlens must be 1-D [N+1] with N >= 1, got " +
-                                  ((cu.ndim >= 0 && cu.ndim <= 4) ? dims_str(cu.shape, cu.ndim) : "ndim " + std::to_string(cu.ndim)));
-    if (B != 1) fail(MIRAS_ERROR_SHAPE, "with cu_seqlens the batch size B must be 1 (sequences packed along T), got " + std::to_string(B));
+                                  ((cu.ndim >= 0 && cu.ndim <= 4) ? dims_str(cu.shape, cu.ndim)
+                                                                  : "ndim " + std::to_string(cu.ndim)));
+    if (B != 1)
+      fail(MIRAS_ERROR_SHAPE,
+           "with cu_seqlens the batch size B must be 1 (sequences packed along T), got " + std::to_string(B));
     cu_len = cu.shape[0];
   }
   c.p.cfg = to_core(config);
@@ -520,12 +525,14 @@ StepCall prepare_step(const miras_config* config, const miras_step_args* a, int3
   }
   p.P0 = check_tensor(a->P, "P", false, c.st, st, c.st_rule);
   p.A0 = check_tensor(a->anchor, "anchor", true, c.st, st, c.st_rule);
-  s.off_in = static_cast<const int64_t*>(check_tensor(a->offset, "offset", true, MIRAS_INT64, off, "offsets are int64"));
+  s.off_in = static_cast<const int64_t*>(
+      check_tensor(a->offset, "offset", true, MIRAS_INT64, off, "offsets are int64"));
   p.o = check_tensor(a->o, "o", true, c.io, tok_v, "q's dtype");
   p.XT = check_tensor(a->X_out, "X_out", true, c.st, st, c.st_rule);
   p.PT = check_tensor(a->P_out, "P_out", c.mom, c.st, st, c.st_rule);
   s.anchor_out = check_tensor(a->anchor_out, "anchor_out", true, c.st, st, c.st_rule);
-  s.off_out = static_cast<int64_t*>(check_tensor(a->offset_out, "offset_out", true, MIRAS_INT64, off, "offsets are int64"));
+  s.off_out = static_cast<int64_t*>(
+      check_tensor(a->offset_out, "offset_out", true, MIRAS_INT64, off, "offsets are int64"));
   // The op writes o, X_out, P_out while it reads every input; anchor_out is written afterwards.
   if (B > 0) {
     const void* ins[] = {p.q, p.k, p.v, p.lr, p.alpha, p.momentum, p.bias_param, p.ret_param, p.X0, p.P0, p.A0};

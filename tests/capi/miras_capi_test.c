@@ -457,7 +457,10 @@ static void run_error_checks(void) {
   Buf q = buf_new(MIRAS_FLOAT64, 4, sk), k = buf_new(MIRAS_FLOAT64, 4, sk), v = buf_new(MIRAS_FLOAT64, 4, sv);
   Buf lr = buf_new(MIRAS_FLOAT64, 3, sg), al = buf_new(MIRAS_FLOAT64, 3, sg), mo = buf_new(MIRAS_FLOAT64, 3, sg);
   Buf o = buf_new(MIRAS_FLOAT64, 4, sv), XT = buf_new(MIRAS_FLOAT64, 4, ss), P0 = buf_new(MIRAS_FLOAT64, 4, ss);
-  for (int64_t i = 0; i < numel(&q.t); ++i) set(&q.t, i, 0.1 * (double)(i % 7) - 0.3), set(&k.t, i, 0.05 * (double)(i % 5));
+  for (int64_t i = 0; i < numel(&q.t); ++i) {
+    set(&q.t, i, 0.1 * (double)(i % 7) - 0.3);
+    set(&k.t, i, 0.05 * (double)(i % 5));
+  }
   for (int64_t i = 0; i < numel(&v.t); ++i) set(&v.t, i, 0.2 * (double)(i % 3) - 0.1);
   for (int64_t i = 0; i < numel(&lr.t); ++i) set(&lr.t, i, 0.3), set(&al.t, i, 0.9), set(&mo.t, i, 0.5);
   miras_config cfg;
@@ -470,77 +473,78 @@ static void run_error_checks(void) {
   memset(&out, 0, sizeof(out));
   out.o = &o.t, out.XT = &XT.t;
   miras_exec ex = {MIRAS_DEVICE_CPU, NULL, NULL, 0};
-  expect_ok("error/baseline", miras_chunk_fwd(&cfg, &in, &out, &ex));
+#define FWD() miras_chunk_fwd(&cfg, &in, &out, &ex)
+  expect_ok("error/baseline", FWD());
 
   /* dtype */
   q.t.dtype = MIRAS_FLOAT16;
-  expect_error("q_float16_on_cpu", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DTYPE, "q must be float32 or float64");
+  expect_error("q_float16_on_cpu", FWD(), MIRAS_ERROR_DTYPE, "q must be float32 or float64");
   q.t.dtype = 42;
-  expect_error("q_unknown_dtype", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DTYPE, "q must be");
+  expect_error("q_unknown_dtype", FWD(), MIRAS_ERROR_DTYPE, "q must be");
   q.t.dtype = MIRAS_FLOAT64;
   k.t.dtype = MIRAS_FLOAT32;
-  expect_error("k_dtype_mismatch", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DTYPE, "k must be float64");
+  expect_error("k_dtype_mismatch", FWD(), MIRAS_ERROR_DTYPE, "k must be float64");
   k.t.dtype = MIRAS_FLOAT64;
   /* shape and layout */
   k.t.shape[3] = DK + 1;
-  expect_error("k_shape", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_SHAPE, "k must have shape [B, T, H, Dk]");
+  expect_error("k_shape", FWD(), MIRAS_ERROR_SHAPE, "k must have shape [B, T, H, Dk]");
   k.t.shape[3] = DK;
   lr.t.shape[1] = TT - 1;
-  expect_error("lr_shape", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_SHAPE, "lr must have shape [B, T, H]");
+  expect_error("lr_shape", FWD(), MIRAS_ERROR_SHAPE, "lr must have shape [B, T, H]");
   lr.t.shape[1] = TT;
   q.t.ndim = 3;
-  expect_error("q_ndim", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_SHAPE, "q must be 4-D");
+  expect_error("q_ndim", FWD(), MIRAS_ERROR_SHAPE, "q must be 4-D");
   q.t.ndim = 4;
   const int64_t bad_strides[4] = {TT * H * DV, 1, TT * DV, TT}; /* a transposed view */
   v.t.strides = bad_strides;
-  expect_error("v_strides", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_SHAPE, "v must be contiguous");
+  expect_error("v_strides", FWD(), MIRAS_ERROR_SHAPE, "v must be contiguous");
   const int64_t good_strides[4] = {TT * H * DV, H * DV, DV, 1};
   v.t.strides = good_strides;
-  expect_ok("error/explicit_contiguous_strides", miras_chunk_fwd(&cfg, &in, &out, &ex));
+  expect_ok("error/explicit_contiguous_strides", FWD());
   v.t.strides = NULL;
   /* NULL pointers */
   in.q = NULL;
-  expect_error("q_null", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_NULL_POINTER, "q is required");
+  expect_error("q_null", FWD(), MIRAS_ERROR_NULL_POINTER, "q is required");
   in.q = &q.t;
   lr.t.data = NULL;
-  expect_error("lr_data_null", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_NULL_POINTER, "lr->data is NULL");
+  expect_error("lr_data_null", FWD(), MIRAS_ERROR_NULL_POINTER, "lr->data is NULL");
   lr.t.data = lr.mem;
   out.o = NULL;
-  expect_error("o_null", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_NULL_POINTER, "o is required");
+  expect_error("o_null", FWD(), MIRAS_ERROR_NULL_POINTER, "o is required");
   out.o = &o.t;
   expect_error("config_null", miras_chunk_fwd(NULL, &in, &out, &ex), MIRAS_ERROR_NULL_POINTER, "config is required");
   expect_error("exec_null", miras_chunk_fwd(&cfg, &in, &out, NULL), MIRAS_ERROR_NULL_POINTER, "exec is required");
   expect_error("inputs_null", miras_chunk_fwd(&cfg, NULL, &out, &ex), MIRAS_ERROR_NULL_POINTER, "inputs are required");
   /* devices */
   ex.device = 7;
-  expect_error("unknown_device", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DEVICE, "unknown device code 7");
+  expect_error("unknown_device", FWD(), MIRAS_ERROR_DEVICE, "unknown device code 7");
   ex.device = MIRAS_DEVICE_CUDA;
   if (!miras_has_cuda())
-    expect_error("cuda_not_built", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_NOT_BUILT, "-DMIRAS_WITH_CUDA=ON");
+    expect_error("cuda_not_built", FWD(), MIRAS_ERROR_NOT_BUILT, "-DMIRAS_WITH_CUDA=ON");
   else /* built with CUDA: float64 is refused on CUDA before anything touches the (host) pointers */
-    expect_error("cuda_float64", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DTYPE, "CPU only");
+    expect_error("cuda_float64", FWD(), MIRAS_ERROR_DTYPE, "CPU only");
   ex.device = MIRAS_DEVICE_CPU;
   /* config */
   cfg.chunk_size = 0;
-  expect_error("chunk_size_0", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "chunk_size must be >= 1");
+  expect_error("chunk_size_0", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "chunk_size must be >= 1");
   cfg.chunk_size = 2;
   cfg.bias = 42;
-  expect_error("bias_42", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "bias: unknown kind 42");
+  expect_error("bias_42", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "bias: unknown kind 42");
   cfg.bias = MIRAS_BIAS_L2;
   cfg.retention = MIRAS_RETENTION_LQ;
   cfg.q_norm = 1.5;
-  expect_error("lq_q_norm", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "q (lq retention) must be >= 2");
+  expect_error("lq_q_norm", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "q (lq retention) must be >= 2");
   cfg.retention = MIRAS_RETENTION_L2;
   cfg.q_norm = 4.0;
   cfg.bias = MIRAS_BIAS_HUBER_YAAD;
   cfg.delta = 0.0;
-  expect_error("huber_delta_0", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "delta (huber bias) must be > 0");
+  expect_error("huber_delta_0", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "delta (huber bias) must be > 0");
   cfg.bias = MIRAS_BIAS_L2;
   cfg.delta = 1.0;
   /* momentum state without momentum */
   in.momentum = NULL;
   in.P0 = &P0.t;
-  expect_error("P0_without_momentum", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "P0 must be NULL");
+  expect_error("P0_without_momentum", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "P0 must be NULL");
   in.P0 = NULL;
   in.momentum = &mo.t;
   /* varlen: cu_seqlens must end at T (checked by the CPU backend) */
@@ -550,12 +554,12 @@ static void run_error_checks(void) {
   in.cu_seqlens = &cu.t;
   Buf XT2 = buf_new(MIRAS_FLOAT64, 4, (const int64_t[4]){2, H, DK, DV});
   out.XT = &XT2.t;
-  expect_error("cu_seqlens_end", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "cu_seqlens must end at T");
+  expect_error("cu_seqlens_end", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "cu_seqlens must end at T");
   cu.t.dtype = MIRAS_FLOAT64;
-  expect_error("cu_seqlens_dtype", miras_chunk_fwd(&cfg, &in, &out, &ex), MIRAS_ERROR_DTYPE, "cu_seqlens must be int64");
+  expect_error("cu_seqlens_dtype", FWD(), MIRAS_ERROR_DTYPE, "cu_seqlens must be int64");
   cu.t.dtype = MIRAS_INT64;
   ((int64_t*)cu.mem)[2] = TT;
-  expect_ok("error/varlen_ok", miras_chunk_fwd(&cfg, &in, &out, &ex));
+  expect_ok("error/varlen_ok", FWD());
   in.cu_seqlens = NULL;
   out.XT = &XT.t;
   /* backward without the saved states */
@@ -564,7 +568,8 @@ static void run_error_checks(void) {
   bin.dO = &o.t;
   miras_bwd_outputs g;
   memset(&g, 0, sizeof(g));
-  expect_error("bwd_chunk_X_null", miras_chunk_bwd(&cfg, &in, &bin, &g, &ex), MIRAS_ERROR_NULL_POINTER, "chunk_X is required");
+  expect_error("bwd_chunk_X_null", miras_chunk_bwd(&cfg, &in, &bin, &g, &ex), MIRAS_ERROR_NULL_POINTER,
+               "chunk_X is required");
   /* step: offset out of range, output aliasing an input */
   const int64_t tk[3] = {B, H, DK}, tv[3] = {B, H, DV}, tg[2] = {B, H}, n1[1] = {B};
   Buf sq = buf_new(MIRAS_FLOAT64, 3, tk), skk = buf_new(MIRAS_FLOAT64, 3, tk), svv = buf_new(MIRAS_FLOAT64, 3, tv);
@@ -578,23 +583,28 @@ static void run_error_checks(void) {
   a.offset = &off.t, a.o = &so.t, a.X_out = &Xo.t, a.anchor_out = &A.t, a.offset_out = &off.t;
   expect_ok("error/step_ok", miras_step(&cfg, &a, &ex));
   ((int64_t*)off.mem)[0] = 2; /* = chunk_size */
-  expect_error("step_offset", miras_step(&cfg, &a, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "offset[0] = 2 must lie in [0, chunk_size = 2)");
+  expect_error("step_offset", miras_step(&cfg, &a, &ex), MIRAS_ERROR_INVALID_ARGUMENT,
+               "offset[0] = 2 must lie in [0, chunk_size = 2)");
   ((int64_t*)off.mem)[0] = 0;
   a.X_out = &X.t;
-  expect_error("step_inplace_X", miras_step(&cfg, &a, &ex), MIRAS_ERROR_INVALID_ARGUMENT, "X_out may not be the same buffer as X");
+  expect_error("step_inplace_X", miras_step(&cfg, &a, &ex), MIRAS_ERROR_INVALID_ARGUMENT,
+               "X_out may not be the same buffer as X");
   a.X_out = &Xo.t;
   sq.t.shape[0] = 4;
   expect_error("step_q_batch", miras_step(&cfg, &a, &ex), MIRAS_ERROR_SHAPE, "k must have shape [B, H, Dk]");
   sq.t.shape[0] = B;
   /* status strings and the message reset */
-  expect_ok("error/recovered", miras_chunk_fwd(&cfg, &in, &out, &ex));
+  expect_ok("error/recovered", FWD());
   g_checks++;
-  if (strcmp(miras_status_string(MIRAS_ERROR_SHAPE), "MIRAS_ERROR_SHAPE") != 0 || miras_abi_version() != MIRAS_ABI_VERSION) {
+  if (strcmp(miras_status_string(MIRAS_ERROR_SHAPE), "MIRAS_ERROR_SHAPE") != 0 ||
+      miras_abi_version() != MIRAS_ABI_VERSION) {
     printf("FAIL error/status_string\n");
     g_failures++;
   }
-  Buf* bufs[] = {&q, &k, &v, &lr, &al, &mo, &o, &XT, &P0, &cu, &XT2, &sq, &skk, &svv, &slr, &sal, &so, &X, &Xo, &A, &off};
+  Buf* bufs[] = {&q,  &k,   &v,   &lr,  &al,  &mo, &o, &XT, &P0, &cu, &XT2,
+                 &sq, &skk, &svv, &slr, &sal, &so, &X, &Xo, &A,  &off};
   for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); ++i) buf_free(bufs[i]);
+#undef FWD
 }
 
 int main(int argc, char** argv) {
