@@ -22,6 +22,8 @@ setup() {
     "$py" -m pip install -q "$TORCH_SPEC"
   fi
   "$py" -m pip install -q setuptools wheel ninja pytest numpy hypothesis "nvidia-cutlass==4.2.0.0"
+  # cmake builds the C ABI (libmiras) for tests/test_capi.py; from pip where the machine has none.
+  command -v cmake >/dev/null 2>&1 || "$py" -m pip install -q "cmake>=3.22"
   # nvcc: prefer the real toolkit over wrappers on PATH.
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi

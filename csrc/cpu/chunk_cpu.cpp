@@ -5,6 +5,7 @@
 // or =portable caps the instruction set.
 #define MIRAS_CPU_ISA portable
 #include "chunk_kernels.h"
+#include "../core/problem.h"
 
 namespace miras {
 namespace cpu {
@@ -63,18 +64,8 @@ void validate_fwd(const ChunkFwdParams& p, const char* fn) {
        f + "dtype must be float32 or float64 on CPU (got code " + std::to_string(p.dtype) + ")");
   need(p.N >= 0 && p.T >= 0, f + "N and T must be >= 0");
   need(p.H >= 1 && p.Dk >= 1 && p.Dv >= 1, f + "H, Dk and Dv must be >= 1");
-  need(p.cfg.chunk_size >= 1, f + "chunk_size must be >= 1 (got " +
-                                  std::to_string(p.cfg.chunk_size) + ")");
-  need(p.cfg.bias >= kBiasDot && p.cfg.bias <= kBiasRobust,
-       f + "bias: unknown kind " + std::to_string(p.cfg.bias));
-  need(p.cfg.retention >= kRetL2 && p.cfg.retention <= kRetLq,
-       f + "retention: unknown kind " + std::to_string(p.cfg.retention));
-  if (p.cfg.retention == kRetLq) {
-    need(p.cfg.q_norm >= 2.0, f + "q (lq retention) must be >= 2");
-    need(p.cfg.eps_q > 0.0, f + "eps_q (lq retention) must be > 0");
-  }
-  if (p.cfg.retention == kRetKL) need(p.cfg.kl_scale > 0.0, f + "kl_scale must be > 0");
-  if (p.cfg.bias == kBiasLp) need(p.cfg.p >= 1.0, f + "p (lp bias) must be >= 1");
+  const std::string cfg_err = config_error(p.cfg, p.bias_param != nullptr, p.ret_param != nullptr);
+  need(cfg_err.empty(), f + cfg_err);
   const int64_t total = p.cu_seqlens ? p.T : p.N * p.T;
   if (total > 0)
     need(p.q && p.k && p.v && p.lr && p.alpha, f + "q, k, v, lr and alpha may not be null");

@@ -47,16 +47,8 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size) {
-  Problem pr;
-  pr.B = q.size(0);
-  pr.T = q.size(1);
-  pr.H = q.size(2);
-  pr.Dk = q.size(3);
-  pr.Dv = v.size(3);
-  pr.varlen = cu_seqlens.has_value();
-  pr.N = pr.varlen ? cu_seqlens->numel() - 1 : pr.B;
-  pr.slots = num_chunk_slots(pr.N, pr.varlen ? pr.T : pr.T, chunk_size, pr.varlen);
-  return pr;
+  return miras::make_problem(q.size(0), q.size(1), q.size(2), q.size(3), v.size(3), cu_seqlens.has_value(),
+                             cu_seqlens.has_value() ? cu_seqlens->numel() : 0, chunk_size);
 }
 
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q) {
@@ -159,11 +151,7 @@ Inputs prepare(const Types& ty, const at::Tensor& q, const at::Tensor& k, const 
 }
 
 void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs& in, const MemoryConfig& cfg) {
-  prm.N = pr.N;
-  prm.T = pr.T;
-  prm.H = pr.H;
-  prm.Dk = pr.Dk;
-  prm.Dv = pr.Dv;
+  set_problem(prm, pr);
   prm.cu_seqlens = in.cu.has_value() ? in.cu->data_ptr<int64_t>() : nullptr;
   prm.dtype = dtype_code(ty.io);
   prm.cfg = cfg;
@@ -178,7 +166,6 @@ void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs&
   prm.X0 = opt_ptr(in.X0);
   prm.P0 = opt_ptr(in.P0);
   prm.A0 = opt_ptr(in.A0);
-  prm.num_chunk_slots = pr.slots;
 }
 
 // A torch.profiler range around a CPU backend call, named like the CUDA backend's NVTX ranges

@@ -3,11 +3,12 @@
 Functional ops (SPEC.md): :func:`memory_update` (chunked, training and prefill),
 :func:`memory_step` (one token, decoding), presets :func:`moneta`, :func:`yaad`, :func:`memora`,
 :func:`titans`; the state type :class:`MemoryState`; the float64-capable PyTorch reference in
-:mod:`miras.reference`.
+:mod:`miras.reference`; the same ops on NumPy/CuPy/JAX arrays (DLPack) in :mod:`miras.interop`.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
+from . import interop  # noqa: F401  (miras.interop: the op on NumPy/CuPy/JAX arrays via DLPack)
 from .ops import BIASES, RETENTIONS, memora, memory_step, memory_update, moneta, titans, yaad
 from .state import MemoryState
 
