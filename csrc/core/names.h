@@ -5,7 +5,8 @@
 //   miras.chunk_fwd[chunk_l2 bias=lp ret=l2 mom C=64 dk=128 dv=128 bf16]      (CUDA)
 //   miras.chunk_bwd[cpu_l2_dual avx512 bias=lp ret=l2 mom C=64 dk=64 dv=64 f32] (CPU)
 //
-// Host-only, torch-free.
+// Host-only, torch-free. (dtype_short_name: "f32" etc. for ranges; problem.h's dtype_name spells
+// dtypes out for error messages.)
 #pragma once
 #include <cstddef>
 #include <cstdio>
@@ -24,7 +25,7 @@ inline const char* retention_name(int32_t r) {
   return (r >= 0 && r < 4) ? names[r] : "?";
 }
 
-inline const char* dtype_name(int32_t d) {
+inline const char* dtype_short_name(int32_t d) {
   static const char* const names[] = {"f32", "f64", "f16", "bf16"};
   return (d >= 0 && d < 4) ? names[d] : "?";
 }
@@ -35,7 +36,7 @@ inline void format_variant(char* buf, size_t n, const char* op, const char* fami
   std::snprintf(buf, n, "miras.%s[%s bias=%s ret=%s%s C=%lld dk=%lld dv=%lld %s]", op, family,
                 bias_name(p.cfg.bias), retention_name(p.cfg.retention), p.momentum ? " mom" : "",
                 static_cast<long long>(p.cfg.chunk_size), static_cast<long long>(p.Dk),
-                static_cast<long long>(p.Dv), dtype_name(p.dtype));
+                static_cast<long long>(p.Dv), dtype_short_name(p.dtype));
 }
 
 }  // namespace miras
