@@ -9,15 +9,12 @@
 
 #include "../core/backends.h"
 #include "../core/params.h"
+#include "../core/problem.h"
 
 namespace miras {
 namespace torch_glue {
 
-struct Problem {
-  int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, N = 0, slots = 0;
-  bool varlen = false;
-};
-
+// Problem (sizes), make_config and set_problem are csrc/core/problem.h, shared with the JAX FFI.
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
                   const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size);
