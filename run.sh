@@ -3,12 +3,14 @@
 #   ./run.sh test    set up (venv, torch, build) and run the whole test suite   (CI runs this)
 #   ./run.sh bench   set up and run the main job: the quick CPU benchmark table
 #   ./run.sh setup   only set up
-# Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1),
+# Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1), MIRAS_JAX (default
+# jax==0.10.2, CPU; "none" skips it, and the JAX tests skip),
 # MIRAS_BUILD_CUDA (auto), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${MIRAS_VENV:-.venv}
 TORCH_SPEC=${MIRAS_TORCH:-torch==2.14.1}
+JAX_SPEC=${MIRAS_JAX:-jax==0.10.2}
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -20,6 +22,8 @@ setup() {
     "$py" -m pip install -q "$TORCH_SPEC"
   fi
   "$py" -m pip install -q setuptools wheel ninja pytest numpy hypothesis "nvidia-cutlass==4.2.0.0"
+  # JAX (CPU) before the build: setup.py builds miras/_jax_ffi*.so when it can import jax.
+  if [ "$JAX_SPEC" != "none" ]; then "$py" -m pip install -q "$JAX_SPEC"; fi
   # nvcc: prefer the real toolkit over wrappers on PATH.
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi
