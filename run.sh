@@ -5,12 +5,14 @@
 #   ./run.sh bench   set up and run the quick CPU benchmark table
 #   ./run.sh setup   only set up
 # Extra arguments after `demo`, `test` and `bench` go to the demo, pytest and the benchmark.
-# Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1),
+# Environment: MIRAS_VENV (default .venv), MIRAS_TORCH (default torch==2.14.1), MIRAS_JAX (default
+# jax==0.10.2, CPU; "none" skips it, and the JAX tests skip),
 # MIRAS_BUILD_CUDA (auto), TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${MIRAS_VENV:-.venv}
 TORCH_SPEC=${MIRAS_TORCH:-torch==2.14.1}
+JAX_SPEC=${MIRAS_JAX:-jax==0.10.2}
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -24,6 +26,8 @@ setup() {
   "$py" -m pip install -q setuptools wheel ninja pytest numpy hypothesis "nvidia-cutlass==4.2.0.0"
   # cmake builds the C ABI (libmiras) for tests/test_capi.py; from pip where the machine has none.
   command -v cmake >/dev/null 2>&1 || "$py" -m pip install -q "cmake>=3.22"
+  # JAX (CPU) before the build: setup.py builds miras/_jax_ffi*.so when it can import jax.
+  if [ "$JAX_SPEC" != "none" ]; then "$py" -m pip install -q "$JAX_SPEC"; fi
   # nvcc: prefer the real toolkit over wrappers on PATH.
   if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
   if [ -n "${CUDA_HOME:-}" ]; then export PATH="$CUDA_HOME/bin:$PATH"; fi

@@ -8,11 +8,16 @@ Environment:
   TORCH_CUDA_ARCH_LIST   GPU targets (default "9.0a": Hopper with wgmma/TMA)
   MAX_JOBS               parallel compile jobs (ninja)
   MIRAS_CUTLASS_DIR      CUTLASS include dir (default: from the nvidia-cutlass wheel)
+  MIRAS_BUILD_JAX=0|1    the JAX binding (miras/_jax_ffi*.so: XLA FFI handlers over the same CPU
+                         backend, torch-free); default: built when jax is importable at build time
+                         (its header-only XLA FFI API comes from jax.ffi.include_dir())
+  MIRAS_BUILD_JAX_CUDA=1 also compile the CUDA kernels and handlers into it (off by default: it
+                         compiles csrc/cuda a second time; needs the CUDA build)
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,45 +41,97 @@ def _cutlass_include():
         return None
 
 
+_ON, _OFF = ("1", "true", "on"), ("0", "false", "off")
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DMIRAS_WITH_CUDA",
+              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+              "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+
+
+def _jax_extension(build_cuda, cuda_home, cutlass):
+    """miras._jax_ffi: the XLA FFI handlers (csrc/jax) and the CPU backend, torch-free (a plain
+    shared library; python/miras/jax.py loads it with ctypes)."""
+    flag = os.environ.get("MIRAS_BUILD_JAX", "auto").lower()
+    if flag in _OFF:
+        return []
+    try:
+        import jax.ffi
+
+        xla_include = jax.ffi.include_dir()
+    except ImportError:
+        if flag in _ON:
+            raise RuntimeError("MIRAS_BUILD_JAX=1 but jax is not importable here: pip install jax, and build "
+                               "with --no-build-isolation so that the build sees it")
+        return []
+    with_cuda = os.environ.get("MIRAS_BUILD_JAX_CUDA", "0").lower() in _ON
+    if with_cuda and not build_cuda:
+        raise RuntimeError("MIRAS_BUILD_JAX_CUDA=1 needs the CUDA build (nvcc, CUDA_HOME; MIRAS_BUILD_CUDA not 0)")
+    sources = _sources("csrc/cpu/*.cpp") + ["csrc/jax/ffi_cpu.cpp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cxx = CXX_FLAGS + ["-isystem", xla_include, "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    kw = dict(extra_link_args=["-fopenmp"])
+    if with_cuda:
+        sources += ["csrc/jax/ffi_cuda.cpp"] + _sources("csrc/cuda/*.cu")
+        include_dirs += [os.path.join(cuda_home, "include")] + ([cutlass] if cutlass else [])
+        cxx += ["-DMIRAS_WITH_CUDA"]
+        # The CUDA runtime linked statically: the library must not depend on a libcudart of a
+        # particular version (jax brings its own).
+        kw.update(library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart_static", "dl", "rt", "pthread"])
+    return [Extension("miras._jax_ffi", sources, include_dirs=include_dirs, language="c++",
+                      extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS + ["-Xcompiler", "-fvisibility=hidden"]},
+                      **kw)]
+
+
 def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     flag = os.environ.get("MIRAS_BUILD_CUDA", "auto").lower()
     have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if flag in ("1", "true", "on") and not have_cuda:
+    if flag in _ON and not have_cuda:
         raise RuntimeError("MIRAS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
-    build_cuda = have_cuda and flag not in ("0", "false", "off")
+    build_cuda = have_cuda and flag not in _OFF
 
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+    cxx = CXX_FLAGS
     sources = _sources("csrc/cpu/*.cpp") + [s for s in _sources("csrc/torch/*.cpp") if not s.endswith("_cuda.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
+    cutlass = _cutlass_include() if build_cuda else None
+    jax_ext = _jax_extension(build_cuda, CUDA_HOME, cutlass)
     if not build_cuda:
         return [
             CppExtension("miras._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
                          extra_link_args=["-fopenmp"])
-        ]
+        ] + jax_ext
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     sources += _sources("csrc/torch/*_cuda.cpp") + _sources("csrc/cuda/*.cu")
-    cutlass = _cutlass_include()
     if cutlass:
         include_dirs.append(cutlass)
     define_macros.append(("MIRAS_WITH_CUDA", None))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DMIRAS_WITH_CUDA",
-            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     return [
         CUDAExtension("miras._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                      extra_compile_args={"cxx": cxx + ["-DMIRAS_WITH_CUDA"], "nvcc": nvcc},
+                      extra_compile_args={"cxx": cxx + ["-DMIRAS_WITH_CUDA"], "nvcc": NVCC_FLAGS},
                       extra_link_args=["-fopenmp"])
-    ]
+    ] + jax_ext
 
 
 def _cmdclass():
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class Build(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext):
+            # Both extensions compile csrc/cpu (with different flags): separate object folders
+            # (and ninja files), so that neither rebuild overwrites the other's objects.
+            if ext.name != "miras._jax_ffi":
+                return super().build_extension(ext)
+            temp = self.build_temp
+            self.build_temp = os.path.join(temp, "jax")
+            try:
+                return super().build_extension(ext)
+            finally:
+                self.build_temp = temp
+
+    return {"build_ext": Build}
 
 
 setup(

@@ -286,9 +286,8 @@ Call prepare_chunk(const miras_config* config, const miras_chunk_inputs* in, int
   }
   c.p.cfg = to_core(config);
   check_config(c.p.cfg, in->bias_param != nullptr, in->ret_param != nullptr);  // (before C divides)
-  c.pr = make_problem(B, T, H, Dk, Dv, in->cu_seqlens != nullptr, cu_len, c.p.cfg.chunk_size);
-  set_problem(c.p, c.pr);
-  c.p.dtype = c.io;
+  c.pr = make_problem(B, T, H, Dk, Dv, in->cu_seqlens != nullptr ? cu_len - 1 : -1, c.p.cfg.chunk_size);
+  set_problem(c.p, c.pr, c.io, c.p.cfg);
   c.mom = in->momentum != nullptr;
   ChunkFwdParams& p = c.p;
   p.q = check_tensor(in->q, "q", true, c.io, c.qk(), "q's dtype");
@@ -503,9 +502,8 @@ StepCall prepare_step(const miras_config* config, const miras_step_args* a, int3
   s.C = user.chunk_size;
   c.p.cfg = user;
   c.p.cfg.chunk_size = 1;  // one token: the op's chunk is the token; the anchor is A0
-  c.pr = make_problem(B, 1, H, Dk, Dv, false, 0, 1);
-  set_problem(c.p, c.pr);
-  c.p.dtype = c.io;
+  c.pr = make_problem(B, 1, H, Dk, Dv, -1, 1);
+  set_problem(c.p, c.pr, c.io, c.p.cfg);
   c.mom = a->momentum != nullptr;
   const Want tok_k{{B, H, Dk}, "[B, H, Dk]"}, tok_v{{B, H, Dv}, "[B, H, Dv]"}, gate{{B, H}, "[B, H]"};
   const Want st{{B, H, Dk, Dv}, "[B, H, Dk, Dv]"}, off{{B}, "[B]"};

@@ -1,46 +1,66 @@
-// miras/core/problem.h — what every front end (the torch glue in csrc/torch, the C ABI in
-// csrc/capi) derives the same way before it calls a backend: the problem size of a call (N, the
-// number of saved chunk-state slots), the dtype rules per device, and the checks of the scalar
-// configuration. Host-only, torch-free, CUDA-free.
+// miras/core/problem.h — host-side setup shared by every front end (the torch glue in csrc/torch,
+// the C ABI in csrc/capi, the JAX FFI handlers in csrc/jax): problem sizes from input shapes, the
+// scalar configuration from op attributes and its checks, the dtype rules per device, and the size
+// fields of the params structs. Torch-free and CUDA-free; make_problem / make_config throw
+// std::invalid_argument, config_error returns a message naming the argument.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "params.h"
 
 namespace miras {
 
-// Sizes of one chunked call: q [B, T, H, Dk], v [B, T, H, Dv]; N sequences (B, or the
-// cu_seqlens segments when varlen, then B == 1); `slots` saved chunk states (num_chunk_slots).
+// Sizes of one op call. q, k [B, T, H, Dk], v [B, T, H, Dv]; N sequences (B, or the number of
+// cu_seqlens segments); `slots` saved chunk states (num_chunk_slots of params.h).
 struct Problem {
   int64_t B = 0, T = 0, H = 0, Dk = 0, Dv = 0, N = 0, slots = 0;
   bool varlen = false;
 };
 
-// cu_len = the number of entries of cu_seqlens (N + 1); ignored unless varlen.
-inline Problem make_problem(int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, bool varlen,
-                            int64_t cu_len, int64_t chunk_size) {
+// num_segments < 0: no cu_seqlens (N = B); otherwise the number of cu_seqlens segments.
+inline Problem make_problem(int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t Dv, int64_t num_segments,
+                            int64_t chunk_size) {
+  if (chunk_size < 1)
+    throw std::invalid_argument("miras: chunk_size must be >= 1, got " + std::to_string(chunk_size));
   Problem pr;
   pr.B = B;
   pr.T = T;
   pr.H = H;
   pr.Dk = Dk;
   pr.Dv = Dv;
-  pr.varlen = varlen;
-  pr.N = varlen ? cu_len - 1 : B;
-  pr.slots = num_chunk_slots(pr.N, T, chunk_size, varlen);
+  pr.varlen = num_segments >= 0;
+  pr.N = pr.varlen ? num_segments : B;
+  pr.slots = num_chunk_slots(pr.N, pr.T, chunk_size, pr.varlen);
   return pr;
 }
 
-// Copies the sizes into the params (pointers and config are the caller's).
-inline void set_problem(ChunkFwdParams& p, const Problem& pr) {
-  p.N = pr.N;
-  p.T = pr.T;
-  p.H = pr.H;
-  p.Dk = pr.Dk;
-  p.Dv = pr.Dv;
-  p.num_chunk_slots = pr.slots;
+// The op's scalar attributes (the schema order of torch.ops.miras.chunk_fwd) as a MemoryConfig.
+// Unknown bias/retention codes are rejected here; value ranges are the backends' checks.
+inline MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
+                                double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
+                                int64_t chunk_size) {
+  if (bias < kBiasDot || bias > kBiasRobust)
+    throw std::invalid_argument("miras: unknown bias code " + std::to_string(bias));
+  if (retention < kRetL2 || retention > kRetLq)
+    throw std::invalid_argument("miras: unknown retention code " + std::to_string(retention));
+  if (chunk_size < 1)
+    throw std::invalid_argument("miras: chunk_size must be >= 1, got " + std::to_string(chunk_size));
+  MemoryConfig c;
+  c.bias = static_cast<int32_t>(bias);
+  c.retention = static_cast<int32_t>(retention);
+  c.p = p;
+  c.eps = eps;
+  c.bias_param = bias_scalar;
+  c.ret_param = ret_scalar;
+  c.kl_scale = kl_scale;
+  c.q_norm = q_norm;
+  c.eps_q = eps_q;
+  c.scale = scale;
+  c.chunk_size = chunk_size;
+  return c;
 }
 
 // SPEC §1 dtypes: q, k, v, o have the io dtype. On the CPU every other tensor (gates, states,
@@ -82,6 +102,18 @@ inline std::string config_error(const MemoryConfig& c, bool bias_tensor, bool re
   if (c.retention == kRetElasticNet && !ret_tensor && !(c.ret_param >= 0.0 && std::isfinite(c.ret_param)))
     return "gamma (elastic_net retention) must be >= 0 (got " + num(c.ret_param) + ")";
   return "";
+}
+
+// The size, dtype and config fields of the forward params (pointers are the binding's job).
+inline void set_problem(ChunkFwdParams& prm, const Problem& pr, int32_t dtype, const MemoryConfig& cfg) {
+  prm.N = pr.N;
+  prm.T = pr.T;
+  prm.H = pr.H;
+  prm.Dk = pr.Dk;
+  prm.Dv = pr.Dv;
+  prm.dtype = dtype;
+  prm.cfg = cfg;
+  prm.num_chunk_slots = pr.slots;
 }
 
 }  // namespace miras

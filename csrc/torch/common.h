@@ -14,6 +14,8 @@
 namespace miras {
 namespace torch_glue {
 
+// Problem (sizes), make_config, config_error and set_problem are csrc/core/problem.h, shared with
+// the C ABI and the JAX FFI.
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
                   const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size);

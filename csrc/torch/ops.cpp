@@ -47,8 +47,12 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size) {
-  return miras::make_problem(q.size(0), q.size(1), q.size(2), q.size(3), v.size(3), cu_seqlens.has_value(),
-                             cu_seqlens.has_value() ? cu_seqlens->numel() : 0, chunk_size);
+  try {
+    return miras::make_problem(q.size(0), q.size(1), q.size(2), q.size(3), v.size(3),
+                               cu_seqlens.has_value() ? cu_seqlens->numel() - 1 : -1, chunk_size);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q) {
@@ -64,21 +68,12 @@ void check_state(const c10::optional<at::Tensor>& s, const char* name, const Pro
 MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
                          double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
                          int64_t chunk_size) {
-  TORCH_CHECK(bias >= kBiasDot && bias <= kBiasRobust, "miras: unknown bias code ", bias);
-  TORCH_CHECK(retention >= kRetL2 && retention <= kRetLq, "miras: unknown retention code ", retention);
-  MemoryConfig c;
-  c.bias = static_cast<int32_t>(bias);
-  c.retention = static_cast<int32_t>(retention);
-  c.p = p;
-  c.eps = eps;
-  c.bias_param = bias_scalar;
-  c.ret_param = ret_scalar;
-  c.kl_scale = kl_scale;
-  c.q_norm = q_norm;
-  c.eps_q = eps_q;
-  c.scale = scale;
-  c.chunk_size = chunk_size;
-  return c;
+  try {  // (an unknown code stays a RuntimeError here, as before the check moved to core)
+    return miras::make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale,
+                              chunk_size);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 const void* opt_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
@@ -151,10 +146,8 @@ Inputs prepare(const Types& ty, const at::Tensor& q, const at::Tensor& k, const 
 }
 
 void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs& in, const MemoryConfig& cfg) {
-  set_problem(prm, pr);
+  set_problem(prm, pr, dtype_code(ty.io), cfg);
   prm.cu_seqlens = in.cu.has_value() ? in.cu->data_ptr<int64_t>() : nullptr;
-  prm.dtype = dtype_code(ty.io);
-  prm.cfg = cfg;
   prm.q = in.q.data_ptr();
   prm.k = in.k.data_ptr();
   prm.v = in.v.data_ptr();

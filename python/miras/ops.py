@@ -6,25 +6,20 @@ the GPU; autograd and fake kernels in ``_library.py``). The math is SPEC.md.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from numbers import Real
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _library  # noqa: F401  (registers fake kernels and autograd)
+from ._options import BIASES, HUBER_MODES, RETENTIONS, param_names, range_text, resolve_scale, scalar_param
+from ._options import config_codes as _config
+from ._options import fail as _fail
 from .state import MemoryState
 
 __all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "BIASES", "RETENTIONS"]
 
-BIASES = ("dot", "l2", "lp", "huber", "robust")
-HUBER_MODES = ("yaad", "coord", "norm")
-RETENTIONS = ("l2", "kl", "elastic_net", "lq")
-_BIAS_CODE = {"dot": 0, "l2": 1, "lp": 2, "robust": 6}
-_HUBER_CODE = {"yaad": 3, "coord": 4, "norm": 5}
-_RET_CODE = {"l2": 0, "kl": 1, "elastic_net": 2, "lq": 3}
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 Param = Union[float, Tensor]
@@ -32,10 +27,6 @@ Param = Union[float, Tensor]
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _fail(msg: str):
-    raise ValueError(f"miras: {msg}")
 
 
 def _check_values(cond: Tensor, msg: str):
@@ -73,40 +64,12 @@ def _check_gate(t: Tensor, name: str, lo: float, hi: float, lo_open: bool, hi_op
 
 def _param(value, name: str, shape, ref: Tensor, lo: float, lo_open: bool, check: bool):
     """A bias/retention parameter: float, or a per-token tensor [B, T, H]. Returns (scalar, tensor)."""
-    what = f"({lo}, inf)" if lo_open else f"[{lo}, inf)"
     if isinstance(value, Tensor):
         _check_tensor(value, name, shape, ref)
         if check:
-            _check_gate(value, name, lo, None, lo_open, False, what)
+            _check_gate(value, name, lo, None, lo_open, False, range_text(lo, lo_open))
         return 1.0, value
-    if not isinstance(value, Real) or isinstance(value, bool):
-        _fail(f"{name} must be a float or a [B, T, H] tensor, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or (v <= lo if lo_open else v < lo):
-        _fail(f"{name} must lie in {what}, got {v}")
-    return v, None
-
-
-def _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size):
-    if bias not in BIASES:
-        _fail(f"bias must be one of {BIASES}, got {bias!r}")
-    if retention not in RETENTIONS:
-        _fail(f"retention must be one of {RETENTIONS}, got {retention!r}")
-    if bias == "huber" and huber_mode not in HUBER_MODES:
-        _fail(f"huber_mode must be one of {HUBER_MODES}, got {huber_mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        _fail(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    for name, val, ok, what in (
-        ("p", p, lambda x: x >= 1, ">= 1"),
-        ("eps", eps, lambda x: x > 0, "> 0"),
-        ("kl_scale", kl_scale, lambda x: x > 0, "> 0"),
-        ("q_norm", q_norm, lambda x: x >= 2, ">= 2"),
-        ("eps_q", eps_q, lambda x: x > 0, "> 0"),
-    ):
-        if not isinstance(val, Real) or isinstance(val, bool) or not math.isfinite(float(val)) or not ok(float(val)):
-            _fail(f"{name} must be a finite float {what}, got {val!r}")
-    code = _HUBER_CODE[huber_mode] if bias == "huber" else _BIAS_CODE[bias]
-    return code, _RET_CODE[retention]
+    return scalar_param(value, name, lo, lo_open), None
 
 
 def _state_dtype(q: Tensor) -> torch.dtype:
@@ -168,18 +131,18 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
         if momentum is not None:
             _check_gate(momentum, "momentum", 0.0, 1.0, False, True, "[0, 1)")
     bias_code, ret_code = _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
-    bias_scalar, bias_tensor = 1.0, None
-    if bias == "huber":
-        bias_scalar, bias_tensor = _param(delta, "delta", gshape, q, 0.0, True, check_inputs)
-    elif bias == "robust":
-        bias_scalar, bias_tensor = _param(robust_delta, "robust_delta", gshape, q, 0.0, False, check_inputs)
-    ret_scalar, ret_tensor = 0.0, None
-    if retention == "elastic_net":
-        ret_scalar, ret_tensor = _param(gamma, "gamma", gshape, q, 0.0, False, check_inputs)
-    if scale is None:
-        scale = Dk ** -0.5
-    if not isinstance(scale, Real) or isinstance(scale, bool) or not math.isfinite(float(scale)):
-        _fail(f"scale must be a finite float or None, got {scale!r}")
+    given = {"delta": delta, "robust_delta": robust_delta, "gamma": gamma}
+
+    def param(spec, unused):
+        if spec is None:
+            return unused, None
+        name, lo, lo_open = spec
+        return _param(given[name], name, gshape, q, lo, lo_open, check_inputs)
+
+    bias_spec, ret_spec = param_names(bias, retention)
+    bias_scalar, bias_tensor = param(bias_spec, 1.0)
+    ret_scalar, ret_tensor = param(ret_spec, 0.0)
+    scale = resolve_scale(scale, Dk)
     cu = _cu_seqlens(cu_seqlens, B, T, q, check_inputs) if cu_seqlens is not None else None
     N = cu.numel() - 1 if cu is not None else B
     cfg = (bias_code, ret_code, float(p), float(eps), bias_scalar, ret_scalar, float(kl_scale), float(q_norm),
