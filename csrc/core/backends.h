@@ -11,6 +11,9 @@ namespace miras {
 // CPU (csrc/cpu): dtype float32 or float64 for every pointer. OpenMP over sequences x heads.
 void chunk_fwd_cpu(const ChunkFwdParams& p);
 void chunk_bwd_cpu(const ChunkBwdParams& p);
+// MLP memory (csrc/cpu/mlp_cpu.cpp): the same scheme for M(x) = x + LN(GELU(x W1) W2).
+void mlp_fwd_cpu(const MlpFwdParams& p);
+void mlp_bwd_cpu(const MlpBwdParams& p);
 
 // CUDA (csrc/cuda): `stream` is a cudaStream_t. The caller allocates `workspace` of at least the
 // queried size (bytes, 256-byte aligned) on the same device; it may be clobbered.

@@ -5,6 +5,7 @@
 // or =portable caps the instruction set.
 #define MIRAS_CPU_ISA portable
 #include "chunk_kernels.h"
+#include "cpu_entry.h"
 
 namespace miras {
 namespace cpu {
@@ -14,7 +15,7 @@ namespace avx2 {
 void run_fwd(const ChunkFwdParams& p);
 void run_bwd(const ChunkBwdParams& p);
 }  // namespace avx2
-static bool use_avx2() {
+bool use_avx2() {
   static const bool ok = [] {
     if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
       if (std::string(e) == "portable") return false;
@@ -42,7 +43,7 @@ static bool use_avx512() {
   return ok;
 }
 #else
-static bool use_avx2() { return false; }
+bool use_avx2() { return false; }
 static bool use_avx512() { return false; }
 namespace avx512 {
 inline void run_bwd_l2(const ChunkBwdParams& p) { portable::run_bwd(p); }
