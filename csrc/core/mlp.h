@@ -35,7 +35,17 @@ MIRAS_HD A gelu(A z) { return z * gelu_cdf(z); }
 template <typename A>
 MIRAS_HD A gelu_grad(A z) { return gelu_cdf(z) + z * gelu_pdf(z); }
 template <typename A>
-MIRAS_HD A gelu_grad2(A z) { return gelu_pdf(z) * (A(2) - z * z); }
+MIRAS_HD A gelu_grad2_from_pdf(A z, A pdf) { return pdf * (A(2) - z * z); }
+template <typename A>
+MIRAS_HD A gelu_grad2(A z) { return gelu_grad2_from_pdf(z, gelu_pdf(z)); }
+// GELU(z), GELU'(z) and φ(z) with one erf and one exp (GELU''(z) = φ(z)(2 − z²) follows from φ).
+template <typename A>
+MIRAS_HD void gelu_and_grad(A z, A* g, A* gp, A* pdf) {
+  const A c = gelu_cdf(z), d = gelu_pdf(z);
+  *g = z * c;
+  *gp = c + z * d;
+  *pdf = d;
+}
 
 // ---- LayerNorm element formulas -----------------------------------------------------------------
 template <typename A>

@@ -56,7 +56,7 @@ struct MWork {
   std::vector<T> X, P, Ar, WA, WA1t, WA2t;
   T anc_n[2] = {0, 0}, anc_inv[2] = {1, 1};
   // anchor stage of the chunk (rows = tokens)
-  std::vector<T> Zk, Ak, Gp, Hk, DZ, R1, Xh, rstd, DU, R2;
+  std::vector<T> Zk, Ak, Gp, Pk, Hk, DZ, R1, Xh, rstd, DU, R2;
   // one token
   std::vector<T> zq, aq, uq, aux1, aux2, tmp, tmp2, row;
 
@@ -73,7 +73,7 @@ struct MWork {
     WA.assign(Sz, T(0));
     WA1t.assign(Sz, T(0));
     WA2t.assign(Sz, T(0));
-    for (auto* v : {&Zk, &Ak, &Gp, &Hk, &DZ, &R1}) v->assign(size_t(Cb) * Dh, T(0));
+    for (auto* v : {&Zk, &Ak, &Gp, &Pk, &Hk, &DZ, &R1}) v->assign(size_t(Cb) * Dh, T(0));
     for (auto* v : {&Xh, &DU, &R2}) v->assign(size_t(Cb) * Dv, T(0));
     rstd.assign(Cb, T(0));
     zq.assign(Dh, T(0));
@@ -98,7 +98,7 @@ void mlp_phi_anchor(const Ctx<T>& cx, MWork<T>& mw, const T* a1, const T* a2, bo
 }
 
 // The anchor stage of a chunk of Lc tokens already loaded into w (chunk_kernels.h load_chunk):
-// Zk, Ak, GELU'(Zk), x̂ / rstd of Uk, E = k + LN(Uk) − v (w.E, w.sumsq), ψ (w.Psi), ΔU, Hk, ΔZ,
+// Zk, Ak = GELU(Zk), Gp = GELU'(Zk), Pk = φ(Zk), x̂ / rstd of Uk, E = k + LN(Uk) − v (w.E, w.sumsq), ψ (w.Psi), ΔU, Hk, ΔZ,
 // and the lr-scaled right factors R1 = η ΔZ, R2 = η ΔU.
 template <typename T>
 void mlp_prep_chunk(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, int64_t h,
@@ -110,11 +110,7 @@ void mlp_prep_chunk(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& m
   const T* WA1 = mw.WA.data();
   const T* WA2 = mw.WA.data() + mc.S1;
   gemm_nn<T>(Lc, Dh, Dk, w.Kc.data(), Dk, WA1, Dh, mw.Zk.data(), Dh, false);
-  for (int64_t e = 0; e < Lc * Dh; ++e) {
-    const T z = mw.Zk[e];
-    mw.Ak[e] = gelu(z);
-    mw.Gp[e] = gelu_grad(z);
-  }
+  for (int64_t e = 0; e < Lc * Dh; ++e) gelu_and_grad(mw.Zk[e], &mw.Ak[e], &mw.Gp[e], &mw.Pk[e]);
   gemm_nn<T>(Lc, Dv, Dh, mw.Ak.data(), Dh, WA2, Dv, mw.Xh.data(), Dv, false);  // Uk, then x̂ in place
   T* y = mw.row.data();
   for (int64_t t = 0; t < Lc; ++t) {
@@ -151,20 +147,30 @@ void mlp_prep_chunk(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& m
   }
 }
 
-// One token forward: states Xin -> Xout (packed; may alias), read zq (W1), uq (W2), o = q̃ + LN(uq).
-// aux1/aux2 receive the read maps' per-token values. o may be null (recompute only).
+// One token forward: states Xin -> Xout (packed; may alias), W1's read zq, aq = GELU(zq) (and
+// gq = GELU'(zq) when non-null), W2's read uq, o = q̃ + LN(uq) when o is non-null. aux1/aux2 receive
+// the read maps' per-token values. states_only: only the states are wanted (the reads do not feed
+// them), so the GELU between the layers is skipped and zq, uq, aux are scratch.
 template <typename T, int RET, bool MOM>
 inline void mlp_token_fwd(const Ctx<T>& cx, const MCtx<T>& mc, MWork<T>& mw, int64_t h, int64_t t,
-                          const Work<T>& w, const T* Xin, T* Xout, const T* Pin, T* Pout, T* zq, T* uq,
-                          T* aux1, T* aux2, T* o) {
+                          const Work<T>& w, const T* Xin, T* Xout, const T* Pin, T* Pout, T* zq, T* aq, T* gq,
+                          T* uq, T* aux1, T* aux2, T* o, bool states_only = false) {
   const int64_t Dk = cx.Dk, Dh = mc.Dh, Dv = cx.Dv, S1 = mc.S1;
   const Cfg<T>& cf = cx.cf;
   const T a = w.al[t], b = w.be[t], g = w.ga[t];
   const T* qt = w.Qc.data() + t * Dk;
   token_fwd<T, RET, MOM>(cf, Dk, Dh, Xin, Xout, Pin, Pout, w.Kc.data() + t * Dk, mw.R1.data() + t * Dh,
                          qt, a, b, g, zq, aux1, mw.tmp.data());
-  T* aq = mw.aq.data();
-  for (int64_t i = 0; i < Dh; ++i) aq[i] = gelu(zq[i]);
+  if (states_only) {
+    aq = zq;
+  } else if (gq) {
+    for (int64_t i = 0; i < Dh; ++i) {
+      T pdf;
+      gelu_and_grad(zq[i], &aq[i], &gq[i], &pdf);
+    }
+  } else {
+    for (int64_t i = 0; i < Dh; ++i) aq[i] = gelu(zq[i]);
+  }
   token_fwd<T, RET, MOM>(cf, Dh, Dv, Xin + S1, Xout + S1, MOM ? Pin + S1 : nullptr,
                          MOM ? Pout + S1 : nullptr, mw.Ak.data() + t * Dh, mw.R2.data() + t * Dv, aq, a,
                          b, g, uq, aux2, mw.tmp.data());
@@ -211,8 +217,8 @@ void mlp_fwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
     mlp_prep_chunk<T>(cx, mc, w, mw, h, Lc);
     for (int64_t t = 0; t < Lc; ++t) {
       T* orow = o_out ? o_out + ((begin + t0 + t) * cx.H + h) * Dv : nullptr;
-      mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, X, X, P, P, mw.zq.data(), mw.uq.data(),
-                                 mw.aux1.data(), mw.aux2.data(), orow);
+      mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, X, X, P, P, mw.zq.data(), mw.aq.data(), nullptr,
+                                 mw.uq.data(), mw.aux1.data(), mw.aux2.data(), orow, orow == nullptr);
     }
   }
   if (XT1) std::memcpy(XT1 + o1, X, sizeof(T) * S1);
@@ -250,7 +256,7 @@ struct MBwdOut {
 template <typename T>
 struct MBWork {
   int64_t S = 1, nseg_max = 1;
-  std::vector<T> dX, dP, dWA, dKs, dAks, dR1, dR2, ZQ, UQ, auxs1, auxs2, Xs, Ps, ck, ckP, Xcur, Pcur,
+  std::vector<T> dX, dP, dWA, dKs, dAks, dR1, dR2, AQ, GQ, UQ, auxs1, auxs2, Xs, Ps, ck, ckP, Xcur, Pcur,
       DHb, DZb, DUU, DA, dKc, dVc, dpsi, de, xhq, duq, daq, dzq, dqt, dlnw, dlnb, start0, start0P, starts,
       startsP;
 
@@ -260,7 +266,7 @@ struct MBWork {
     nseg_max = (Cb + S - 1) / S;
     dX.assign(Sz, T(0));
     dWA.assign(Sz, T(0));
-    for (auto* v : {&dAks, &dR1, &ZQ, &DHb, &DZb, &DA}) v->assign(size_t(Cb) * Dh, T(0));
+    for (auto* v : {&dAks, &dR1, &AQ, &GQ, &DHb, &DZb, &DA}) v->assign(size_t(Cb) * Dh, T(0));
     for (auto* v : {&dR2, &UQ, &DUU, &dVc}) v->assign(size_t(Cb) * Dv, T(0));
     for (auto* v : {&dKs, &dKc}) v->assign(size_t(Cb) * Dk, T(0));
     auxs1.assign(size_t(S) * Work<T>::aux_width(Dh), T(0));
@@ -326,7 +332,7 @@ void mlp_prep_chunk_bwd(const Ctx<T>& cx, const MCtx<T>& mc, const Work<T>& w, M
   for (int64_t e = 0; e < Lc * Dh; ++e) {
     const T d = bw.dR1[e];
     bw.DHb[e] = d * mw.Gp[e];
-    bw.DZb[e] = d * mw.Hk[e] * gelu_grad2(mw.Zk[e]);
+    bw.DZb[e] = d * mw.Hk[e] * gelu_grad2_from_pdf(mw.Zk[e], mw.Pk[e]);
   }
   // Hk = ΔU WA2ᵀ: dΔU += dHk WA2, dWA2 = dHkᵀ ΔU
   gemm_nn<T>(Lc, Dv, Dh, bw.DHb.data(), Dh, WA2, Dv, bw.dR2.data(), Dv, true);
@@ -449,7 +455,8 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
       for (int64_t t = 0; t < (nseg - 1) * S; ++t) {
         mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, bw.Xcur.data(), bw.Xcur.data(),
                                    MOM ? bw.Pcur.data() : nullptr, MOM ? bw.Pcur.data() : nullptr,
-                                   mw.zq.data(), mw.uq.data(), mw.aux1.data(), mw.aux2.data(), nullptr);
+                                   mw.zq.data(), mw.aq.data(), nullptr, mw.uq.data(), mw.aux1.data(),
+                                   mw.aux2.data(), nullptr, true);
         if ((t + 1) % S == 0) {
           const int64_t sg = (t + 1) / S;
           std::memcpy(bw.ck.data() + sg * Sz, bw.Xcur.data(), sizeof(T) * Sz);
@@ -467,15 +474,15 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
         const int64_t t = ts + s;
         mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, Xs + s * Sz, Xs + (s + 1) * Sz,
                                    MOM ? Ps + s * Sz : nullptr, MOM ? Ps + (s + 1) * Sz : nullptr,
-                                   bw.ZQ.data() + t * Dh, bw.UQ.data() + t * Dv,
-                                   bw.auxs1.data() + s * AW1, bw.auxs2.data() + s * AW2, nullptr);
+                                   mw.zq.data(), bw.AQ.data() + t * Dh, bw.GQ.data() + t * Dh,
+                                   bw.UQ.data() + t * Dv, bw.auxs1.data() + s * AW1, bw.auxs2.data() + s * AW2,
+                                   nullptr);
       }
       for (int64_t s = len - 1; s >= 0; --s) {
         const int64_t t = ts + s;
         const int64_t row = (begin + t0 + t) * H + h;
         const T a = w.al[t], b = w.be[t], g = w.ga[t];
         const T* dot = out.dO + row * Dv;
-        const T* zq = bw.ZQ.data() + t * Dh;
         // o = q̃ + LN(uq): the LN affine, LN's input gradient
         T* xhq = bw.xhq.data();
         const T rs = ln_forward_row<T>(bw.UQ.data() + t * Dv, nullptr, nullptr, Dv, xhq, nullptr);
@@ -485,8 +492,7 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
           for (int64_t j = 0; j < Dv; ++j) bw.dlnb[j] += dot[j];
         ln_bwd_row<T>(xhq, dot, lw, rs, Dv, bw.duq.data());
         // W2: uq = aq φ(W2_t), W2_t = step(α W2_{t−1} − Akᵀ R2)
-        T* aq = mw.aq.data();
-        for (int64_t i = 0; i < Dh; ++i) aq[i] = gelu(zq[i]);
+        const T* aq = bw.AQ.data() + t * Dh;
         T dal2, dbe2, dga2, dal1, dbe1, dga1;
         token_bwd<T, RET, MOM>(cf1, Dh, Dv, Xs + (s + 1) * Sz + S1, Xs + s * Sz + S1,
                                MOM ? Ps + (s + 1) * Sz + S1 : nullptr, MOM ? Ps + s * Sz + S1 : nullptr,
@@ -495,7 +501,8 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
                                bw.daq.data(), bw.dAks.data() + t * Dh, bw.dR2.data() + t * Dv, &dal2,
                                &dbe2, &dga2, mw.tmp.data(), mw.tmp2.data());
         // aq = GELU(zq)
-        for (int64_t i = 0; i < Dh; ++i) bw.dzq[i] = bw.daq[i] * gelu_grad(zq[i]);
+        const T* gq = bw.GQ.data() + t * Dh;
+        for (int64_t i = 0; i < Dh; ++i) bw.dzq[i] = bw.daq[i] * gq[i];
         // W1: zq = q̃ φ(W1_t), W1_t = step(α W1_{t−1} − kᵀ R1)
         token_bwd<T, RET, MOM>(cf1, Dk, Dh, Xs + (s + 1) * Sz, Xs + s * Sz,
                                MOM ? Ps + (s + 1) * Sz : nullptr, MOM ? Ps + s * Sz : nullptr, dX,
