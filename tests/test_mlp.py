@@ -544,3 +544,20 @@ def test_mlp_bad_inputs(seed):
     a[11] = a[11][:, :, :-1]
     with pytest.raises(ValueError, match="W2 must be"):
         torch.ops.miras.mlp_chunk_fwd(*a)
+
+
+@pytest.mark.cuda
+def test_mlp_cuda_uses_the_reference(seed):
+    """On CUDA tensors memory='mlp' runs the PyTorch reference (warning once) after the same validation."""
+    import miras.ops as ops
+
+    args, kw, extra = mlp_inputs(seed, T=9, bias="robust", retention="kl", requires_grad=False)
+    o_cpu, s_cpu = call(miras.memory_update, args, kw, extra, 4)
+    dev = lambda x: x.cuda() if isinstance(x, torch.Tensor) else x  # noqa: E731
+    ex = dict(extra, W=tuple(map(dev, extra["W"])), P=tuple(map(dev, extra["P"])),
+              ln_weight=dev(extra["ln_weight"]), ln_bias=dev(extra["ln_bias"]))
+    ops._MLP_WARNED = False
+    with pytest.warns(UserWarning, match="no fused CUDA kernel"):
+        o, s = call(miras.memory_update, [dev(a) for a in args], {k: dev(v) for k, v in kw.items()}, ex, 4)
+    assert_close(o, o_cpu, F64_TOL, "o (CUDA reference vs CPU op)")
+    assert_close(s.X[1], s_cpu.X[1], F64_TOL, "W2")

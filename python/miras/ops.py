@@ -495,6 +495,8 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
 
     Takes the gradient at ``state.anchor``, updates the state, reads after the write, and moves the
     anchor to the new state when ``offset`` reaches ``chunk_size`` (1 with ``exact=True``).
+    ``memory="mlp"``: the state's X, P and anchor are (W1, W2) pairs (see ``memory_update``); CPU
+    tensors run the C++ op, CUDA tensors the PyTorch reference.
     """
     if memory not in ("linear", "mlp"):
         _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
