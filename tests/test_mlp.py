@@ -561,3 +561,45 @@ def test_mlp_cuda_uses_the_reference(seed):
         o, s = call(miras.memory_update, [dev(a) for a in args], {k: dev(v) for k, v in kw.items()}, ex, 4)
     assert_close(o, o_cpu, F64_TOL, "o (CUDA reference vs CPU op)")
     assert_close(s.X[1], s_cpu.X[1], F64_TOL, "W2")
+
+
+_CHECKPOINT_SCRIPT = r"""
+import torch, miras
+from miras import reference as R
+from conftest import assert_close, make_inputs, op_kwargs, state_of
+import test_mlp as M
+C, T = 40, 70   # with MIRAS_CPU_SEG_KB=1 the backward keeps a checkpoint every 16 tokens: 3 segments per chunk
+for retention, momentum in (("kl", True), ("elastic_net", False), ("l2", True)):
+    # the linear memory (retention l2: the scan backward, MIRAS_CPU_L2_BWD=scan)
+    args, kw = make_inputs(B=2, T=T, H=1, Dk=4, Dv=3, momentum=momentum, seed=5, bias="robust",
+                           retention=retention, initial_state=True, requires_grad=True)
+    res = []
+    for fn in (miras.memory_update, R.memory_update_loop):
+        o, s = fn(*args, **op_kwargs(kw), chunk_size=C, initial_state=state_of(kw), output_final_state=True)
+        ts = [t for t in args + [kw["_X0"]] if t is not None]
+        res.append(torch.autograd.grad((o * o).sum() + s.X.sum(), ts))
+    for a, b in zip(*res):
+        assert_close(a, b, 1e-10, f"linear {retention}: checkpointed backward")
+    # the MLP memory
+    args, kw, extra = M.mlp_inputs(7, T=T, H=1, Dk=4, momentum=momentum, bias="lp", retention=retention)
+    ours = M.run(miras.memory_update, args, kw, extra, C, 11)
+    ref = M.run(R.memory_update_loop, args, kw, extra, C, 11)
+    M.compare(ours, ref, 1e-10, 1e-10)
+print("ok")
+"""
+
+
+def test_backward_with_checkpoints():
+    """MIRAS_CPU_SEG_KB=1 forces the backward's segment recompute (a checkpoint every 16 tokens inside a
+    chunk of 40) that realistic sizes take and the small shapes above do not: linear and MLP memory,
+    gradients against the reference (a fresh process: the budget is read once)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, MIRAS_CPU_SEG_KB="1", MIRAS_CPU_L2_BWD="scan",
+               PYTHONPATH=os.pathsep.join([here] + sys.path))
+    r = subprocess.run([sys.executable, "-c", _CHECKPOINT_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]

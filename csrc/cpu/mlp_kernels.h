@@ -497,37 +497,18 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
     load_chunk<T, MOM>(cx, w, begin, h, t0, Lc);
     mlp_prep_chunk<T>(cx, mc, w, mw, h, Lc);
 
-    const int64_t S = bw.S;
-    const int64_t nseg = (Lc + S - 1) / S;
-    if (nseg > 1) {  // checkpoints at segment starts (segment 0 starts at Xst)
-      std::memcpy(bw.Xcur.data(), Xst, sizeof(T) * Sz);
-      if (MOM) std::memcpy(bw.Pcur.data(), Pst0, sizeof(T) * Sz);
-      for (int64_t t = 0; t < (nseg - 1) * S; ++t) {
-        mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, bw.Xcur.data(), bw.Xcur.data(),
-                                   MOM ? bw.Pcur.data() : nullptr, MOM ? bw.Pcur.data() : nullptr,
-                                   mw.zq.data(), mw.aq.data(), nullptr, mw.uq.data(), mw.aux1.data(),
-                                   mw.aux2.data(), nullptr, true);
-        if ((t + 1) % S == 0) {
-          const int64_t sg = (t + 1) / S;
-          std::memcpy(bw.ck.data() + sg * Sz, bw.Xcur.data(), sizeof(T) * Sz);
-          if (MOM) std::memcpy(bw.ckP.data() + sg * Sz, bw.Pcur.data(), sizeof(T) * Sz);
-        }
-      }
-    }
-    for (int64_t sg = nseg - 1; sg >= 0; --sg) {
-      const int64_t ts = sg * S, len = std::min(S, Lc - ts);
-      T* Xs = bw.Xs.data();
-      T* Ps = MOM ? bw.Ps.data() : nullptr;
-      std::memcpy(Xs, sg == 0 ? Xst : bw.ck.data() + sg * Sz, sizeof(T) * Sz);
-      if (MOM) std::memcpy(Ps, sg == 0 ? Pst0 : bw.ckP.data() + sg * Sz, sizeof(T) * Sz);
-      for (int64_t s = 0; s < len; ++s) {
-        const int64_t t = ts + s;
-        mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, Xs + s * Sz, Xs + (s + 1) * Sz,
-                                   MOM ? Ps + s * Sz : nullptr, MOM ? Ps + (s + 1) * Sz : nullptr,
-                                   mw.zq.data(), bw.AQ.data() + t * Dh, bw.GQ.data() + t * Dh,
-                                   bw.UQ.data() + t * Dv, bw.auxs1.data() + s * AW1, bw.auxs2.data() + s * AW2,
-                                   nullptr);
-      }
+    T* Xs = bw.Xs.data();
+    T* Ps = MOM ? bw.Ps.data() : nullptr;
+    auto advance = [&](int64_t t, int64_t s, const T* Xi, T* Xo, const T* Pi, T* Po) {
+      if (s < 0)  // checkpoint pass: states only
+        mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, Xi, Xo, Pi, Po, mw.zq.data(), mw.aq.data(), nullptr,
+                                   mw.uq.data(), mw.aux1.data(), mw.aux2.data(), nullptr, true);
+      else  // keep what the reverse walk needs: GELU(zq), GELU'(zq), uq and the read maps' values
+        mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, Xi, Xo, Pi, Po, mw.zq.data(), bw.AQ.data() + t * Dh,
+                                   bw.GQ.data() + t * Dh, bw.UQ.data() + t * Dv, bw.auxs1.data() + s * AW1,
+                                   bw.auxs2.data() + s * AW2, nullptr);
+    };
+    auto walk = [&](int64_t ts, int64_t len) {
       for (int64_t s = len - 1; s >= 0; --s) {
         const int64_t t = ts + s;
         const int64_t row = (begin + t0 + t) * H + h;
@@ -566,7 +547,9 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
         if (MOM && out.dmom) out.dmom[row] = dbe1 + dbe2;
         if (out.drp) out.drp[row] = dga1 + dga2;
       }
-    }
+    };
+    recompute_segments<T, MOM>(Lc, bw.S, Sz, Xst, Pst0, bw.Xcur.data(), MOM ? bw.Pcur.data() : nullptr,
+                               bw.ck.data(), MOM ? bw.ckP.data() : nullptr, Xs, Ps, advance, walk);
     mlp_prep_chunk_bwd<T>(cx, mc, w, mw, bw, out, begin, h, t0, Lc);
     // the anchors' read maps: into dX (the anchor is the chunk start) or dA (the step op)
     T* tg1 = dX;
