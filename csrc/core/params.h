@@ -115,8 +115,8 @@ struct MlpFwdParams {
   void *XT2 = nullptr, *PT2 = nullptr, *AT2 = nullptr;
 };
 
-// Backward: reads the forward's inputs and its saved chunk states (fwd.chunk.o and the final
-// states are unused). Gradients as ChunkBwdParams, W1's under the linear op's names (dX0 always
+// Backward: reads the forward's inputs and its saved chunk states, which it requires
+// (fwd.chunk.chunk_X, and chunk_P with momentum; fwd.chunk.o and the final states are unused). Gradients as ChunkBwdParams, W1's under the linear op's names (dX0 always
 // written; dP0 with momentum; dA0 when A0 was given; dXT/dPT may be null = zero), W2's under
 // dX2/dP2/dA2 and dXT2/dPT2; dln_weight / dln_bias [H, Dv] written when non-null.
 struct MlpBwdParams {

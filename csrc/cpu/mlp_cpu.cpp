@@ -65,6 +65,9 @@ void mlp_bwd_cpu(const MlpBwdParams& p) {
       throw std::invalid_argument("mlp_bwd_cpu: dq, dk, dv, dlr and dalpha may not be null");
   }
   if (f.N == 0) return;
+  if (!f.chunk_X || (f.momentum && !f.chunk_P))
+    throw std::invalid_argument("mlp_bwd_cpu: needs the forward's saved chunk-start states (chunk_X, and chunk_P "
+                                "with momentum): run mlp_fwd_cpu with them");
   if (cpu::use_avx2()) cpu::avx2::run_mlp_bwd(p);
   else cpu::portable::run_mlp_bwd(p);
 }

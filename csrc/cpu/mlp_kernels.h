@@ -233,7 +233,7 @@ inline void mlp_token_fwd(const Ctx<T>& cx, const MCtx<T>& mc, MWork<T>& mw, int
 }
 
 // Forward scan of one (sequence, head); saves chunk-start states (packed) to saveX/saveP at
-// offset c * save_stride when non-null; writes o rows / final states when non-null.
+// offset c * save_stride when non-null; writes the o rows and, when non-null, the final states.
 template <typename T, int RET, bool MOM>
 void mlp_fwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, int64_t n, int64_t h,
                  T* saveX, T* saveP, int64_t save_stride, T* o_out, T* XT1, T* XT2, T* PT1, T* PT2,
@@ -266,9 +266,9 @@ void mlp_fwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
     load_chunk<T, MOM>(cx, w, begin, h, t0, Lc);
     mlp_prep_chunk<T>(cx, mc, w, mw, h, Lc);
     for (int64_t t = 0; t < Lc; ++t) {
-      T* orow = o_out ? o_out + ((begin + t0 + t) * cx.H + h) * Dv : nullptr;
+      T* orow = o_out + ((begin + t0 + t) * cx.H + h) * Dv;
       mlp_token_fwd<T, RET, MOM>(cx, mc, mw, h, t, w, X, X, P, P, mw.zq.data(), mw.aq.data(), nullptr,
-                                 mw.uq.data(), mw.aux1.data(), mw.aux2.data(), orow, orow == nullptr);
+                                 mw.uq.data(), mw.aux1.data(), mw.aux2.data(), orow);
     }
   }
   if (XT1) std::memcpy(XT1 + o1, X, sizeof(T) * S1);
@@ -307,10 +307,9 @@ template <typename T>
 struct MBWork {
   int64_t S = 1, nseg_max = 1;
   std::vector<T> dX, dP, dWA, dKs, dAks, dR1, dR2, AQ, GQ, UQ, auxs1, auxs2, Xs, Ps, ck, ckP, Xcur, Pcur,
-      DHb, DZb, DUU, DA, dKc, dVc, dpsi, de, xhq, duq, daq, dzq, dqt, dlnw, dlnb, start0, start0P, starts,
-      startsP;
+      DHb, DZb, DUU, DA, dKc, dVc, dpsi, de, xhq, duq, daq, dzq, dqt, dlnw, dlnb, start0, start0P;
 
-  void init(int64_t Cb, int64_t Dk, int64_t Dh, int64_t Dv, int64_t S_, bool mom, int64_t nstart) {
+  void init(int64_t Cb, int64_t Dk, int64_t Dh, int64_t Dv, int64_t S_, bool mom) {
     const size_t Sz = size_t(Dk * Dh + Dh * Dv);
     S = S_;
     nseg_max = (Cb + S - 1) / S;
@@ -334,10 +333,6 @@ struct MBWork {
       ckP.assign(size_t(nseg_max) * Sz, T(0));
       Pcur.assign(Sz, T(0));
       start0P.assign(Sz, T(0));
-    }
-    if (nstart > 0) {
-      starts.assign(size_t(nstart) * Sz, T(0));
-      if (mom) startsP.assign(size_t(nstart) * Sz, T(0));
     }
   }
 };
@@ -644,10 +639,8 @@ struct MlpBwdRunner {
     int64_t S = 16;
     if ((Cb + 1) * state_bytes <= seg_budget()) S = Cb;
     S = std::max<int64_t>(1, std::min(S, Cb));
-    const T* chunk_X = static_cast<const T*>(f.chunk_X);
+    const T* chunk_X = static_cast<const T*>(f.chunk_X);  // the forward's chunk starts (required)
     const T* chunk_P = static_cast<const T*>(f.chunk_P);
-    const bool have_saved = chunk_X && (!MOM || chunk_P);
-    const int64_t nstart = have_saved ? 0 : num_chunks(cx.lmax, C);
     std::vector<T> dlnw_part(p.dln_weight ? size_t(N * H * Dv) : 0);
     std::vector<T> dlnb_part(p.dln_bias ? size_t(N * H * Dv) : 0);
     MBwdOut<T> out;
@@ -683,29 +676,16 @@ struct MlpBwdRunner {
       MWork<T> mw;
       mw.init(Cb, Dk, Dh, Dv);
       MBWork<T> bw;
-      bw.init(Cb, Dk, Dh, Dv, S, MOM, nstart);
+      bw.init(Cb, Dk, Dh, Dv, S, MOM);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t n = task / H, h = task % H;
-        const T* sx;
-        const T* sp = nullptr;
-        int64_t stride;
-        if (have_saved) {
-          const int64_t base = chunk_base(f.cu_seqlens, n, f.T, C);
-          sx = chunk_X + (base * H + h) * Sz;
-          if (MOM) sp = chunk_P + (base * H + h) * Sz;
-          stride = H * Sz;
-        } else {  // no saved chunk starts: recompute them with a forward pass of this sequence
-          mlp_fwd_seq<T, RET, MOM>(cx, mc, w, mw, n, h, bw.starts.data(),
-                                   MOM ? bw.startsP.data() : nullptr, Sz, nullptr, nullptr, nullptr,
-                                   nullptr, nullptr, nullptr, nullptr);
-          sx = bw.starts.data();
-          sp = MOM ? bw.startsP.data() : nullptr;
-          stride = Sz;
-        }
-        mlp_bwd_seq<T, RET, MOM>(cx, mc, w, mw, bw, out, n, h, sx, sp, stride);
+        const int64_t base = chunk_base(f.cu_seqlens, n, f.T, C);
+        const T* sx = chunk_X + (base * H + h) * Sz;
+        const T* sp = MOM ? chunk_P + (base * H + h) * Sz : nullptr;
+        mlp_bwd_seq<T, RET, MOM>(cx, mc, w, mw, bw, out, n, h, sx, sp, H * Sz);
       }
     }
     // the LN affine's gradient: per-head sums over the sequences, in sequence order
