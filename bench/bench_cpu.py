@@ -198,7 +198,8 @@ def markdown(res) -> str:
     c, env, s = res["config"], res["env"], res["summary"]
     load = env.get("loadavg")
     mlp = f"MLP memory (expansion {c['expansion']}), " if c.get("memory") == "mlp" else ""
-    L = [f"{mlp}B={c['B']} T={c['T']} H={c['H']} D={c['D']}, chunk {c['chunk']}, float32, {env.get('threads')} threads, "
+    L = [f"{mlp}B={c['B']} T={c['T']} H={c['H']} D={c['D']}, chunk {c['chunk']}, float32, "
+         f"{env.get('threads')} threads, "
          f"{env.get('processor')}; {'--quick' if c.get('quick') else 'full mode'}; median of up to {c['reps']} reps "
          f"(reference up to {c.get('reps_ref')}) within {c['budget_s']} s per measurement; load average at the start "
          f"{'/'.join(f'{x:.1f}' for x in load) if load else '?'}; {env.get('time_utc')} UTC; run took "
@@ -377,7 +378,8 @@ def main(argv=None):
     print(f"         from the fastest reps instead of medians: min speedup {fmt(_min_xmin(rows), '.2f')}x overall, "
           f"{fmt(_min_xmin([r for r in rows if r['retention'] == 'l2']), '.2f')}x on the l2 family")
     print(f"         requirement 'faster on every variant': {'PASS' if s['pass_faster_everywhere'] else 'FAIL'}"
-          + ("" if args.mlp else f"; '>= 3x on the l2 retention family': {'PASS' if s['pass_l2_family_3x'] else 'FAIL'}")
+          + ("" if args.mlp else
+             f"; '>= 3x on the l2 retention family': {'PASS' if s['pass_l2_family_3x'] else 'FAIL'}")
           + (f"; failed variants: {len(s['failed'])}" if s['failed'] else "")
           + (f"; incomplete: {len(s['incomplete'])}" if s['incomplete'] else ""))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None

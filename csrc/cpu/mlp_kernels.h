@@ -156,8 +156,8 @@ void mlp_phi_anchor(const Ctx<T>& cx, MWork<T>& mw, const T* a1, const T* a2, bo
 }
 
 // The anchor stage of a chunk of Lc tokens already loaded into w (chunk_kernels.h load_chunk):
-// Zk, Ak = GELU(Zk), Gp = GELU'(Zk), Pk = φ(Zk), x̂ / rstd of Uk, E = k + LN(Uk) − v (w.E, w.sumsq), ψ (w.Psi), ΔU, Hk, ΔZ,
-// and the lr-scaled right factors R1 = η ΔZ, R2 = η ΔU.
+// Zk, Ak = GELU(Zk), Gp = GELU'(Zk), Pk = φ(Zk), x̂ / rstd of Uk, E = k + LN(Uk) − v (w.E, w.sumsq),
+// ψ (w.Psi), ΔU, Hk, ΔZ and the lr-scaled right factors R1 = η ΔZ, R2 = η ΔU.
 template <typename T>
 void mlp_prep_chunk(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, int64_t h,
                     int64_t Lc) {
