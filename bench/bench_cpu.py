@@ -20,8 +20,14 @@ On a machine shared with other jobs, pass ``--threads 1``: with every core busy,
 regions wait on descheduled threads and the timings swing by 10x (the header warns when the load
 average exceeds 1.5x the core count).
 
+MLP memory (``--mlp``, SPEC §6, M(x) = x + LN(GELU(x W1) W2)): the same table for memory="mlp" with
+bias {l2, lp, huber(yaad)} x retention {l2, kl, lq} x momentum {off, on} (18 variants) at B=2, T=512, H=4,
+Dk=Dv=32 (``--D``), expansion 4 (Dh = 128), chunk 64; initial weights as miras.nn initialises them,
+a LayerNorm affine; fwd+bwd differentiates W1, W2, ln_weight and ln_bias too.
+
 Usage:
   python bench/bench_cpu.py --quick                   # the README's main job (~1-3 min on 2 cores)
+  python bench/bench_cpu.py --mlp --threads 2         # the MLP memory's table
   python bench/bench_cpu.py --json bench/out/cpu.json  # full run at the issue's shape
   python bench/bench_cpu.py --quick --only 'l2/l2'     # a subset (substring match on the name)
 """
@@ -36,8 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (diff_names, environment, fmt, grad_leaves, make_inputs, max_rel_err, rel_err,  # noqa: E402
-                    short_err, time_cpu, timed, variant_grid, write_json)
+from common import (add_mlp_memory, diff_names, environment, fmt, grad_leaves, make_inputs,  # noqa: E402
+                    max_rel_err, rel_err, short_err, time_cpu, timed, variant_grid, write_json)
+
+MLP_BIASES = ("l2", "lp", "huber-yaad")
+MLP_RETENTIONS = ("l2", "kl", "lq")
 
 
 def parse_args(argv=None):
@@ -47,10 +56,13 @@ def parse_args(argv=None):
                          "the first (error-checking) call counted as a rep. All 56 variants. Measured: 66 s\n"
                          "with --threads 1 on a 2-core machine busy with other jobs (440-550 s there with 2\n"
                          "threads: OpenMP regions stall when the cores are oversubscribed)")
+    ap.add_argument("--mlp", action="store_true",
+                    help="the MLP memory (memory='mlp'): bias l2/lp/huber-yaad x retention l2/kl/lq x momentum")
+    ap.add_argument("--expansion", type=int, default=4, help="MLP memory: Dh = expansion * D (default 4)")
     ap.add_argument("--B", type=int, default=2)
-    ap.add_argument("--T", type=int, default=None, help="default 1024 (256 with --quick)")
+    ap.add_argument("--T", type=int, default=None, help="default 1024 (256 with --quick; 512 with --mlp)")
     ap.add_argument("--H", type=int, default=4)
-    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--D", type=int, default=None, help="head dim, default 64 (32 with --mlp)")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--reps", type=int, default=None,
                     help="max timed repeats of ours (default 20; 10 with --quick)")
@@ -85,11 +97,18 @@ def run_variant(var, inp, args, miras, reference):
         return dict(warmup=args.warmup, reps=reps or args.reps, min_reps=args.min_reps, budget_s=args.budget,
                     prior=[first_s] if args.quick else None)
 
+    def mem(t):  # the MLP memory's state and LayerNorm affine (nothing for the linear memory)
+        if "W1" not in t:
+            return {}
+        return dict(memory="mlp", initial_state=miras.MemoryState(X=(t["W1"], t["W2"])), ln_weight=t["ln_weight"],
+                    ln_bias=t["ln_bias"])
+
     def ours(t):
-        return miras.memory_update(t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"], **kw)[0]
+        return miras.memory_update(t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"], **kw, **mem(t))[0]
 
     def ref(t):
-        return reference.memory_update_chunked(t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"], **kw)[0]
+        return reference.memory_update_chunked(t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"], **kw,
+                                               **mem(t))[0]
 
     # ---- forward (no_grad) ----
     with torch.no_grad():
@@ -178,7 +197,9 @@ def _min_xmin(rows):
 def markdown(res) -> str:
     c, env, s = res["config"], res["env"], res["summary"]
     load = env.get("loadavg")
-    L = [f"B={c['B']} T={c['T']} H={c['H']} D={c['D']}, chunk {c['chunk']}, float32, {env.get('threads')} threads, "
+    mlp = f"MLP memory (expansion {c['expansion']}), " if c.get("memory") == "mlp" else ""
+    L = [f"{mlp}B={c['B']} T={c['T']} H={c['H']} D={c['D']}, chunk {c['chunk']}, float32, "
+         f"{env.get('threads')} threads, "
          f"{env.get('processor')}; {'--quick' if c.get('quick') else 'full mode'}; median of up to {c['reps']} reps "
          f"(reference up to {c.get('reps_ref')}) within {c['budget_s']} s per measurement; load average at the start "
          f"{'/'.join(f'{x:.1f}' for x in load) if load else '?'}; {env.get('time_utc')} UTC; run took "
@@ -204,8 +225,10 @@ def markdown(res) -> str:
 
     L += ["", f"Min speedup overall: {sp(s['min_speedup'])}; on the l2-retention family: "
           f"{sp(s['min_speedup_l2_family'])}. Faster on every variant: "
-          f"{'PASS' if s['pass_faster_everywhere'] else 'FAIL'}; >= 3x on the l2 family: "
-          f"{'PASS' if s['pass_l2_family_3x'] else 'FAIL'}. Max err_o {fmt(s['max_err_o'], '.1e')}, max err_grad "
+          f"{'PASS' if s['pass_faster_everywhere'] else 'FAIL'}"
+          + ("" if c.get("memory") == "mlp" else
+             f"; >= 3x on the l2 family: {'PASS' if s['pass_l2_family_3x'] else 'FAIL'}")
+          + f". Max err_o {fmt(s['max_err_o'], '.1e')}, max err_grad "
           f"{fmt(s['max_err_grad'], '.1e')}. From the fastest reps: min speedup {fmt(_min_xmin(res['rows']), '.2f')}x "
           f"overall, {fmt(_min_xmin([r for r in res['rows'] if r['retention'] == 'l2']), '.2f')}x on the l2 family."]
     return "\n".join(L) + "\n"
@@ -247,7 +270,9 @@ def summarize(rows):
 def main(argv=None):
     args = parse_args(argv)
     if args.T is None:
-        args.T = 256 if args.quick else 1024
+        args.T = 256 if args.quick else (512 if args.mlp else 1024)
+    if args.D is None:
+        args.D = 32 if args.mlp else 64
     if args.reps is None:
         args.reps = 10 if args.quick else 20
     if args.reps_ref is None:
@@ -279,11 +304,17 @@ def main(argv=None):
         return 2
 
     B, T, H, D = args.B, args.T, args.H, args.D
-    variants = variant_grid(D)
+    if args.mlp:
+        variants = variant_grid(D, biases=MLP_BIASES, retentions=MLP_RETENTIONS)
+        for v in variants:
+            v["name"] = f"mlp-e{args.expansion}/{v['name']}"
+    else:
+        variants = variant_grid(D)
     if args.only:
         variants = [v for v in variants if any(s in v["name"] for s in args.only)]
     env = environment()
-    print(f"miras CPU benchmark: B={B} T={T} H={H} D={D} chunk={args.chunk} float32, {len(variants)} variants, "
+    what = f"MLP memory (Dh = {args.expansion * D}), " if args.mlp else ""
+    print(f"miras CPU benchmark: {what}B={B} T={T} H={H} D={D} chunk={args.chunk} float32, {len(variants)} variants, "
           f"threads={env['threads']}, median of {args.min_reps}..{args.reps} reps (ref ..{args.reps_ref}) "
           f"within {args.budget:g} s "
           f"({'quick mode: the first call is a rep' if args.quick else 'full mode: after a warm-up call'})")
@@ -303,20 +334,30 @@ def main(argv=None):
         try:
             warm = make_inputs(B, T, H, D, D, dtype=torch.float32, device="cpu", momentum=True,
                                seed=args.seed + 1)
+            mkw = {}
+            if args.mlp:
+                warm = add_mlp_memory(warm, H, D, args.expansion, "l2", seed=args.seed + 1)
             gw = grad_leaves(warm)
-            lw = [gw[n] for n in diff_names(gw)]
+            if args.mlp:
+                mkw = dict(memory="mlp", initial_state=miras.MemoryState(X=(gw["W1"], gw["W2"])),
+                           ln_weight=gw["ln_weight"], ln_bias=gw["ln_bias"])
             for fn in (miras.memory_update, reference.memory_update_chunked):
                 for mom in (None, gw["momentum"]):
-                    o = fn(gw["q"], gw["k"], gw["v"], gw["lr"], gw["alpha"], mom, chunk_size=args.chunk)[0]
-                    torch.autograd.grad(o, lw[:5] if mom is None else lw, warm["do"][:, :o.shape[1]])
+                    lw = [gw[n] for n in diff_names(gw) if n != "momentum" or mom is not None]
+                    o = fn(gw["q"], gw["k"], gw["v"], gw["lr"], gw["alpha"], mom, chunk_size=args.chunk, **mkw)[0]
+                    torch.autograd.grad(o, lw, warm["do"][:, :o.shape[1]])
         except Exception as e:  # noqa: BLE001
             print(f"  (warm-up failed: {short_err(e)})")
     for var in variants:
-        if var["momentum"] not in inputs:
-            inputs[var["momentum"]] = make_inputs(B, T, H, D, D, dtype=torch.float32, device="cpu",
-                                                  momentum=var["momentum"], seed=args.seed)
+        key = (var["momentum"], var["retention"] if args.mlp else None)  # MLP raw states depend on the retention
+        if key not in inputs:
+            inputs[key] = make_inputs(B, T, H, D, D, dtype=torch.float32, device="cpu", momentum=var["momentum"],
+                                      seed=args.seed)
+            if args.mlp:
+                inputs[key] = add_mlp_memory(inputs[key], H, D, args.expansion, var["retention"],
+                                             q_norm=var["kwargs"].get("q_norm", 4.0), seed=args.seed)
         try:
-            row = run_variant(var, inputs[var["momentum"]], args, miras, reference)
+            row = run_variant(var, inputs[key], args, miras, reference)
         except Exception as e:  # noqa: BLE001  (one broken variant must not stop the table)
             row = dict(name=var["name"], bias=var["bias"], retention=var["retention"], momentum=var["momentum"],
                        error=short_err(e))
@@ -336,8 +377,9 @@ def main(argv=None):
           f"max err_o {fmt(s['max_err_o'], '.1e')}; max err_grad {fmt(s['max_err_grad'], '.1e')}")
     print(f"         from the fastest reps instead of medians: min speedup {fmt(_min_xmin(rows), '.2f')}x overall, "
           f"{fmt(_min_xmin([r for r in rows if r['retention'] == 'l2']), '.2f')}x on the l2 family")
-    print(f"         requirement 'faster on every variant': {'PASS' if s['pass_faster_everywhere'] else 'FAIL'}; "
-          f"'>= 3x on the l2 retention family': {'PASS' if s['pass_l2_family_3x'] else 'FAIL'}"
+    print(f"         requirement 'faster on every variant': {'PASS' if s['pass_faster_everywhere'] else 'FAIL'}"
+          + ("" if args.mlp else
+             f"; '>= 3x on the l2 retention family': {'PASS' if s['pass_l2_family_3x'] else 'FAIL'}")
           + (f"; failed variants: {len(s['failed'])}" if s['failed'] else "")
           + (f"; incomplete: {len(s['incomplete'])}" if s['incomplete'] else ""))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -347,6 +389,8 @@ def main(argv=None):
     res = None
     if args.json or args.md:
         res = dict(config=dict(B=B, T=T, H=H, D=D, chunk=args.chunk, dtype="float32", warmup=args.warmup,
+                               memory="mlp" if args.mlp else "linear",
+                               expansion=args.expansion if args.mlp else None,
                                reps=args.reps, reps_ref=args.reps_ref, min_reps=args.min_reps, budget_s=args.budget,
                                quick=args.quick, seed=args.seed, timer="host wall clock, median"),
                    env=env, rows=rows, summary=s, elapsed_s=elapsed)

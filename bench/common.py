@@ -84,17 +84,48 @@ def make_inputs(B: int, T: int, H: int, Dk: int, Dv: int, *, dtype, device, mome
     return out
 
 
+# the differentiable inputs: the op's tensors, then the MLP memory's (present only for memory="mlp")
+DIFF_NAMES = ("q", "k", "v", "lr", "alpha", "momentum", "W1", "W2", "ln_weight", "ln_bias")
+
+
 def grad_leaves(inp: dict) -> dict:
     """Copies of the differentiable inputs with requires_grad set."""
     out = dict(inp)
-    for name in ("q", "k", "v", "lr", "alpha", "momentum"):
-        if inp[name] is not None:
-            out[name] = inp[name].detach().clone().requires_grad_(True)
+    for name in diff_names(inp):
+        out[name] = inp[name].detach().clone().requires_grad_(True)
     return out
 
 
 def diff_names(inp: dict) -> List[str]:
-    return [n for n in ("q", "k", "v", "lr", "alpha", "momentum") if inp[n] is not None]
+    return [n for n in DIFF_NAMES if inp.get(n) is not None]
+
+
+def add_mlp_memory(inp: dict, H: int, D: int, expansion: int, retention: str, q_norm: float = 4.0,
+                   seed: int = 0) -> dict:
+    """The MLP memory's initial weights (raw states, as miras.nn.MirasLayer initialises them: z = k W1 ~ N(0, 1)
+    for unit keys, W2 at fan-in scale) and its LayerNorm affine, added to ``inp`` (one set per head, expanded
+    over the batch)."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 17)
+    Dh = expansion * D
+    dev, dt = inp["q"].device, inp["q"].dtype
+    W1 = torch.randn(H, D, Dh, generator=g)
+    W2 = torch.randn(H, Dh, D, generator=g) / math.sqrt(Dh)
+
+    def raw(W):  # φ(raw) = W where the retention allows it (miras.nn.MirasLayer._raw_from_weights)
+        if retention == "kl":
+            return W / W.std()
+        if retention == "lq" and q_norm not in (2.0, 3.0):
+            nq = W.abs().pow(q_norm).sum((-2, -1), keepdim=True).pow(1.0 / q_norm)
+            return W * nq.pow((q_norm - 2.0) / (3.0 - q_norm))
+        return W
+
+    B = inp["q"].shape[0]
+    out = dict(inp)
+    out["W1"] = raw(W1).to(dev, torch.float32)[None].expand(B, -1, -1, -1).contiguous()
+    out["W2"] = raw(W2).to(dev, torch.float32)[None].expand(B, -1, -1, -1).contiguous()
+    out["ln_weight"] = (1.0 + 0.1 * torch.randn(H, D, generator=g)).to(dev, dt)
+    out["ln_bias"] = (0.1 * torch.randn(H, D, generator=g)).to(dev, dt)
+    return out
 
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ void chunk_bwd_cpu(const ChunkBwdParams& p);
 // family as core/names.h formats it; profiler ranges of the torch glue use it).
 const char* chunk_fwd_cpu_variant(const ChunkFwdParams& p);
 const char* chunk_bwd_cpu_variant(const ChunkBwdParams& p);
+// MLP memory (csrc/cpu/mlp_cpu.cpp): the same scheme for M(x) = x + LN(GELU(x W1) W2).
+void mlp_fwd_cpu(const MlpFwdParams& p);
+void mlp_bwd_cpu(const MlpBwdParams& p);
 
 // CUDA (csrc/cuda): `stream` is a cudaStream_t. The caller allocates `workspace` of at least the
 // queried size (bytes, 256-byte aligned) on the same device; it may be clobbered.

@@ -97,6 +97,41 @@ struct ChunkBwdParams {
   void *dX0 = nullptr, *dP0 = nullptr, *dA0 = nullptr;
 };
 
+// ---- MLP memory (SPEC §6): M(x) = x + LN(GELU(x W1) W2) ---------------------------------------
+// Everything the linear op takes, plus the second matrix and the LayerNorm affine. `chunk` keeps
+// the linear op's meaning for the inputs, gates, parameters, o and cu_seqlens; its Dv is the
+// memory's width (== Dk), and its state fields are the FIRST matrix W1 [N, H, Dk, Dh]:
+// X0/P0/A0 (initial raw state, momentum, anchor) and XT/PT/AT (final ones). X2/P2/A2 and
+// XT2/PT2/AT2 are the same for W2 [N, H, Dh, Dv]. X0 and X2 are required (an MLP memory has no
+// useful zero state); P0/P2 null = zeros; A0/A2 null = the chunked op (anchor = the state), both
+// given = the step op (both or neither). ln_weight / ln_bias: [H, Dv] or null (1 / 0).
+// Saved chunk-start states: chunk.chunk_X / chunk.chunk_P are [num_chunk_slots, H, Dk*Dh + Dh*Dv],
+// each slot W1's raw state followed by W2's (momentum likewise). dtype: as ChunkFwdParams (CPU).
+struct MlpFwdParams {
+  ChunkFwdParams chunk;
+  int64_t Dh = 0;
+  const void *ln_weight = nullptr, *ln_bias = nullptr;
+  const void *X2 = nullptr, *P2 = nullptr, *A2 = nullptr;
+  void *XT2 = nullptr, *PT2 = nullptr, *AT2 = nullptr;
+};
+
+// Backward: reads the forward's inputs and its saved chunk states, which it requires
+// (fwd.chunk.chunk_X, and chunk_P with momentum; fwd.chunk.o and the final states are unused). Gradients as ChunkBwdParams, W1's under the linear op's names (dX0 always
+// written; dP0 with momentum; dA0 when A0 was given; dXT/dPT may be null = zero), W2's under
+// dX2/dP2/dA2 and dXT2/dPT2; dln_weight / dln_bias [H, Dv] written when non-null.
+struct MlpBwdParams {
+  MlpFwdParams fwd;
+  const void* dO = nullptr;
+  const void *dXT = nullptr, *dPT = nullptr, *dXT2 = nullptr, *dPT2 = nullptr;
+
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  void *dlr = nullptr, *dalpha = nullptr, *dmomentum = nullptr;
+  void *dbias_param = nullptr, *dret_param = nullptr;
+  void *dX0 = nullptr, *dP0 = nullptr, *dA0 = nullptr;
+  void *dX2 = nullptr, *dP2 = nullptr, *dA2 = nullptr;
+  void *dln_weight = nullptr, *dln_bias = nullptr;
+};
+
 // ---- chunk bookkeeping (host and device) -----------------------------------------------------
 #if defined(__CUDACC__)
 #define MIRAS_HD __host__ __device__ __forceinline__

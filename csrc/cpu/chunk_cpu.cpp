@@ -6,6 +6,7 @@
 #define MIRAS_CPU_ISA portable
 #include "chunk_kernels.h"
 #include "../core/problem.h"
+#include "cpu_entry.h"
 
 namespace miras {
 namespace cpu {
@@ -15,7 +16,7 @@ namespace avx2 {
 void run_fwd(const ChunkFwdParams& p);
 void run_bwd(const ChunkBwdParams& p);
 }  // namespace avx2
-static bool use_avx2() {
+bool use_avx2() {
   static const bool ok = [] {
     if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
       if (std::string(e) == "portable") return false;
@@ -43,7 +44,7 @@ static bool use_avx512() {
   return ok;
 }
 #else
-static bool use_avx2() { return false; }
+bool use_avx2() { return false; }
 static bool use_avx512() { return false; }
 namespace avx512 {
 inline void run_bwd_l2(const ChunkBwdParams& p) { portable::run_bwd(p); }

@@ -921,6 +921,42 @@ MIRAS_SIMD_REDUCE(dalpha, dgam, dki)
   (void)dP;
 }
 
+// ---- the backward's recompute of a chunk ------------------------------------------------------------
+// Walks a chunk's Lc tokens backwards in segments of S tokens, recomputing their states from the
+// chunk start (Xst, Pst: Sz entries each) and never inverting a step: when there is more than one
+// segment, a first pass stores the states at the segment starts (ck / ckP, advancing Xcur / Pcur);
+// then each segment, last first, is recomputed into Xs / Ps (S + 1 states: slot s is the state
+// before the segment's token s) and handed to walk(ts, len). advance(t, s, Xin, Xout, Pin, Pout)
+// runs token t's forward step (s = its slot in the segment, or -1 in the checkpoint pass, where
+// only the states are wanted).
+template <typename T, bool MOM, typename Advance, typename Walk>
+void recompute_segments(int64_t Lc, int64_t S, int64_t Sz, const T* Xst, const T* Pst, T* Xcur, T* Pcur,
+                        T* ck, T* ckP, T* Xs, T* Ps, Advance&& advance, Walk&& walk) {
+  const int64_t nseg = (Lc + S - 1) / S;
+  const size_t bytes = sizeof(T) * size_t(Sz);
+  if (nseg > 1) {  // checkpoints at segment starts (segment 0 starts at Xst)
+    std::memcpy(Xcur, Xst, bytes);
+    if (MOM) std::memcpy(Pcur, Pst, bytes);
+    for (int64_t t = 0; t < (nseg - 1) * S; ++t) {
+      advance(t, int64_t(-1), Xcur, Xcur, MOM ? Pcur : nullptr, MOM ? Pcur : nullptr);
+      if ((t + 1) % S == 0) {
+        const int64_t sg = (t + 1) / S;
+        std::memcpy(ck + sg * Sz, Xcur, bytes);
+        if (MOM) std::memcpy(ckP + sg * Sz, Pcur, bytes);
+      }
+    }
+  }
+  for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+    const int64_t ts = sg * S, len = std::min(S, Lc - ts);
+    std::memcpy(Xs, sg == 0 ? Xst : ck + sg * Sz, bytes);
+    if (MOM) std::memcpy(Ps, sg == 0 ? Pst : ckP + sg * Sz, bytes);
+    for (int64_t s = 0; s < len; ++s)
+      advance(ts + s, s, Xs + s * Sz, Xs + (s + 1) * Sz, MOM ? Ps + s * Sz : nullptr,
+              MOM ? Ps + (s + 1) * Sz : nullptr);
+    walk(ts, len);
+  }
+}
+
 template <typename T>
 struct BwdOut {
   const T* dO;
@@ -1026,38 +1062,14 @@ void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, i
     prep_chunk<T>(cx, w, Lc);
     for (int64_t e = 0; e < Lc * Dv; ++e) bw.dVc[e] = T(0);
 
-    const int64_t S = bw.S;
-    const int64_t nseg = (Lc + S - 1) / S;
-    // checkpoints at segment starts (segment 0 starts at Xst)
-    if (nseg > 1) {
-      std::memcpy(bw.Xcur.data(), Xst, sizeof(T) * DkDv);
-      if (MOM) std::memcpy(bw.Pcur.data(), Pst0, sizeof(T) * DkDv);
-      for (int64_t t = 0; t < (nseg - 1) * S; ++t) {
-        token_fwd<T, RET, MOM>(cf, Dk, Dv, bw.Xcur.data(), bw.Xcur.data(),
-                               MOM ? bw.Pcur.data() : nullptr, MOM ? bw.Pcur.data() : nullptr,
-                               w.Kc.data() + t * Dk, w.Pst.data() + t * Dv, w.Qc.data() + t * Dk,
-                               w.al[t], w.be[t], w.ga[t], w.o.data(), w.aux.data(), w.tmp.data());
-        if ((t + 1) % S == 0) {
-          const int64_t sg = (t + 1) / S;
-          std::memcpy(bw.ck.data() + sg * DkDv, bw.Xcur.data(), sizeof(T) * DkDv);
-          if (MOM) std::memcpy(bw.ckP.data() + sg * DkDv, bw.Pcur.data(), sizeof(T) * DkDv);
-        }
-      }
-    }
-    for (int64_t sg = nseg - 1; sg >= 0; --sg) {
-      const int64_t ts = sg * S, len = std::min(S, Lc - ts);
-      T* Xs = bw.Xs.data();
-      T* Ps = MOM ? bw.Ps.data() : nullptr;
-      std::memcpy(Xs, sg == 0 ? Xst : bw.ck.data() + sg * DkDv, sizeof(T) * DkDv);
-      if (MOM) std::memcpy(Ps, sg == 0 ? Pst0 : bw.ckP.data() + sg * DkDv, sizeof(T) * DkDv);
-      for (int64_t s = 0; s < len; ++s) {
-        const int64_t t = ts + s;
-        token_fwd<T, RET, MOM>(cf, Dk, Dv, Xs + s * DkDv, Xs + (s + 1) * DkDv,
-                               MOM ? Ps + s * DkDv : nullptr, MOM ? Ps + (s + 1) * DkDv : nullptr,
-                               w.Kc.data() + t * Dk, w.Pst.data() + t * Dv, w.Qc.data() + t * Dk,
-                               w.al[t], w.be[t], w.ga[t], w.o.data(), bw.auxs.data() + s * AW,
-                               w.tmp.data());
-      }
+    T* Xs = bw.Xs.data();
+    T* Ps = MOM ? bw.Ps.data() : nullptr;
+    auto advance = [&](int64_t t, int64_t s, const T* Xi, T* Xo, const T* Pi, T* Po) {
+      token_fwd<T, RET, MOM>(cf, Dk, Dv, Xi, Xo, Pi, Po, w.Kc.data() + t * Dk, w.Pst.data() + t * Dv,
+                             w.Qc.data() + t * Dk, w.al[t], w.be[t], w.ga[t], w.o.data(),
+                             s < 0 ? w.aux.data() : bw.auxs.data() + s * AW, w.tmp.data());
+    };
+    auto walk = [&](int64_t ts, int64_t len) {
       for (int64_t s = len - 1; s >= 0; --s) {
         const int64_t t = ts + s;
         const int64_t row = (begin + t0 + t) * H + h;
@@ -1091,7 +1103,9 @@ void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, i
         if (out.drp) out.drp[row] = dga;
         if (out.dbp) out.dbp[row] = bias_has_param(cf.bias) ? dparam : T(0);
       }
-    }
+    };
+    recompute_segments<T, MOM>(Lc, bw.S, DkDv, Xst, Pst0, bw.Xcur.data(), MOM ? bw.Pcur.data() : nullptr,
+                               bw.ck.data(), MOM ? bw.ckP.data() : nullptr, Xs, Ps, advance, walk);
     // e = k W_A - v: dk += dE W_A^T, dv -= dE, dW_A = K^T dE, then the anchor's read-map VJP
     if (!dot_bias) {
       for (int64_t e = 0; e < Lc * Dv; ++e) bw.dVc[e] -= bw.dE[e];

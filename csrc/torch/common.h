@@ -28,6 +28,26 @@ MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, 
 const void* opt_ptr(const c10::optional<at::Tensor>& t);
 c10::optional<at::Tensor> opt_to(const c10::optional<at::Tensor>& t, at::ScalarType dt);
 
+// Dtypes of a call: CPU — everything in float32 (float64 when q is float64); CUDA — q, k, v, o in
+// q's dtype, gates and states float32.
+struct Types {
+  at::ScalarType io, state;
+};
+Types types_for(const at::Tensor& q);
+int32_t dtype_code(at::ScalarType t);
+
+// The forward's inputs converted to the backend's dtypes, and the params filled from them.
+struct Inputs {
+  at::Tensor q, k, v, lr, alpha;
+  c10::optional<at::Tensor> momentum, bias_param, ret_param, X0, P0, A0, cu;
+};
+Inputs prepare(const Types& ty, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& lr, const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+               const c10::optional<at::Tensor>& bias_param, const c10::optional<at::Tensor>& ret_param,
+               const c10::optional<at::Tensor>& X0, const c10::optional<at::Tensor>& P0,
+               const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& cu_seqlens);
+void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs& in, const MemoryConfig& cfg);
+
 #ifdef MIRAS_WITH_CUDA
 // csrc/torch/ops_cuda.cpp: device guard, current stream, workspace from the caching allocator.
 void cuda_fwd(const ChunkFwdParams& p, const at::Tensor& q);

@@ -89,12 +89,6 @@ c10::optional<at::Tensor> opt_to(const c10::optional<at::Tensor>& t, at::ScalarT
 //   CUDA: q, k, v, o in q's dtype (float32/float16/bfloat16), gates and states float32,
 //         gradients computed in float32 and cast to each input's dtype.
 // ------------------------------------------------------------------------------------------------
-namespace {
-
-struct Types {
-  at::ScalarType io, state;
-};
-
 Types types_for(const at::Tensor& q) {
   if (q.is_cuda()) {
     TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf ||
@@ -117,12 +111,6 @@ int32_t dtype_code(at::ScalarType t) {
     default: TORCH_CHECK_VALUE(false, "miras: unsupported dtype ", t);
   }
 }
-
-// The forward's inputs converted to the backend's dtypes, and the params filled from them.
-struct Inputs {
-  at::Tensor q, k, v, lr, alpha;
-  c10::optional<at::Tensor> momentum, bias_param, ret_param, X0, P0, A0, cu;
-};
 
 Inputs prepare(const Types& ty, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& lr, const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
@@ -160,6 +148,8 @@ void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs&
   prm.P0 = opt_ptr(in.P0);
   prm.A0 = opt_ptr(in.A0);
 }
+
+namespace {
 
 // A torch.profiler range around a CPU backend call, named like the CUDA backend's NVTX ranges
 // (core/names.h), e.g. "miras.chunk_bwd[cpu_l2_dual avx512 bias=lp ret=l2 mom C=64 dk=64 dv=64 f32]".

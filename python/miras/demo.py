@@ -21,8 +21,9 @@ training tokens/s), ``results.json`` and (when matplotlib is importable) ``accur
 
 The default run (5 models × 2 tasks, 2-layer models with d_model 64, 250 steps of 32 sequences at
 lengths 16/32/64) needs about 3.5 CPU-minutes per core on two cores: on a CPU it trains two models
-at a time in worker processes (``--jobs``), one thread each. The MLP memories (Moneta, Yaad, Memora)
-run through the PyTorch reference until their fused kernel lands, so they dominate the time; the
+at a time in worker processes (``--jobs``), one thread each (measured when the MLP memories of Moneta,
+Yaad and Memora still ran through the PyTorch reference; on the CPU they now run the C++ op, on CUDA
+the reference until their CUDA kernel lands); the
 flags ``--steps``, ``--seq-lens``, ``--models``, ``--tasks``, ``--d-model`` scale the run up or down.
 Every model gets the same sizes, steps, data, optimiser and learning rate.
 """
@@ -264,7 +265,7 @@ def _worker_init(queue, threads: int):
     global _WORKER_QUEUE
     _WORKER_QUEUE = queue
     torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused kernel")
+    warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused CUDA kernel")
 
 
 def _worker_job(name, task, vocab, seq_lens, cfg, device_str):
@@ -422,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
-    warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused kernel")
+    warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused CUDA kernel")
     vocab = Vocab(cfg.num_keys, cfg.num_values)
     for task in tasks:                                   # fail early on impossible task sizes
         for L in seq_lens:

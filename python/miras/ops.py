@@ -76,11 +76,11 @@ def _state_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _state_tensor(t, name: str, shape, q: Tensor) -> Tensor:
+def _state_tensor(t, name: str, shape, q: Tensor, dims: str = "[N, H, Dk, Dv]") -> Tensor:
     if not isinstance(t, Tensor):
         _fail(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
-        _fail(f"{name} must have shape [N, H, Dk, Dv] = {list(shape)}, got {list(t.shape)}")
+        _fail(f"{name} must have shape {dims} = {list(shape)}, got {list(t.shape)}")
     if t.device != q.device:
         _fail(f"{name} is on {t.device} but q is on {q.device}")
     if t.dtype not in _FLOATS:
@@ -158,35 +158,136 @@ _MLP_WARNED = False
 
 
 def _mlp_fallback(fn_name, *args, **kwargs):
+    """memory='mlp' on a non-CPU device: the PyTorch reference (no fused CUDA kernel yet, issue 5)."""
     global _MLP_WARNED
     if not _MLP_WARNED:
-        warnings.warn("miras: memory='mlp' has no fused kernel yet (issue 5); it runs through the PyTorch "
-                      "reference implementation (correct, not fast).", stacklevel=3)
+        warnings.warn("miras: memory='mlp' has no fused CUDA kernel yet (issue 5); on CUDA tensors it runs "
+                      "through the PyTorch reference implementation (correct, not fast). CPU tensors use the "
+                      "C++ op.", stacklevel=3)
         _MLP_WARNED = True
     from . import reference
 
     return getattr(reference, fn_name)(*args, **kwargs)
 
 
+def _pair(x, name: str, what: str):
+    """One field of an MLP memory state: a (W1-like, W2-like) pair of tensors."""
+    if not isinstance(x, (tuple, list)) or len(x) != 2 or not all(isinstance(t, Tensor) for t in x):
+        got = f"a {len(x)}-element {type(x).__name__}" if isinstance(x, (tuple, list)) else type(x).__name__
+        _fail(f"{name} must be a pair of tensors {what} for memory='mlp', got {got}")
+    return tuple(x)
+
+
+def _mlp_state(st, where: str, N: int, H: int, Dk: int, Dv: int, expansion, momentum, q: Tensor):
+    """Checked ``(X, P, anchor, offset)`` of an MLP memory state: X, anchor (and P) are (W1, W2) pairs,
+    ``W1 [N, H, Dk, Dh]``, ``W2 [N, H, Dh, Dv]``; Dh is W1's (``expansion * Dk`` when expansion is given)."""
+    if not isinstance(st, MemoryState):
+        _fail(f"{where} must be a miras.MemoryState, got {type(st).__name__}")
+    X = _pair(st.X, f"{where}.X", "(W1 [N, H, Dk, Dh], W2 [N, H, Dh, Dv])")
+    W1 = X[0]
+    if W1.dim() != 4 or W1.shape[-1] < 1:
+        _fail(f"{where}.X[0] (W1) must be [N, H, Dk, Dh] with Dh >= 1, got {list(W1.shape)}")
+    Dh = W1.shape[-1]
+    if expansion is not None:
+        if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
+            _fail(f"expansion must be an int >= 1 or None (inferred from W1), got {expansion!r}")
+        if Dh != expansion * Dk:
+            _fail(f"{where}.X[0] (W1) must be [N, H, Dk, expansion*Dk] = {[N, H, Dk, expansion * Dk]} for "
+                  f"expansion={expansion}, got {list(W1.shape)}")
+    s1, s2 = (N, H, Dk, Dh), (N, H, Dh, Dv)
+    d1, d2 = "[N, H, Dk, Dh]", "[N, H, Dh, Dv]"
+
+    def checked(pair, name, m):
+        return (_state_tensor(pair[0], f"{name}[0] ({m}1)", s1, q, d1),
+                _state_tensor(pair[1], f"{name}[1] ({m}2)", s2, q, d2))
+
+    X = checked(X, f"{where}.X", "W")
+    P = None
+    if st.P is not None:
+        if momentum is None:
+            _fail(f"{where}.P (momentum states) is set but momentum is None; pass momentum gates or drop P")
+        P = checked(_pair(st.P, f"{where}.P", "(P1, P2) shaped like X"), f"{where}.P", "P")
+    if st.anchor is st.X:
+        A = X
+    else:
+        A = checked(_pair(st.anchor, f"{where}.anchor", "(A1, A2) shaped like X"), f"{where}.anchor", "A")
+    off = st.offset
+    if not isinstance(off, Tensor) or tuple(off.shape) != (N,):
+        _fail(f"{where}.offset must be an int tensor of shape [{N}]")
+    return X, P, A, off
+
+
+def _ln_param(t, name: str, H: int, Dv: int, q: Tensor):
+    """The MLP memory's LayerNorm affine (an outer-loop parameter): None or a [H, Dv] tensor."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a [H, Dv] tensor or None, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        _fail(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if tuple(t.shape) != (H, Dv):
+        _fail(f"{name} must have shape [H, Dv] = {[H, Dv]}, got {list(t.shape)}")
+    if t.device != q.device:
+        _fail(f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
+    return t
+
+
+def _mlp_checks(pr, ln_weight, ln_bias, q):
+    if pr["Dv"] != pr["Dk"]:
+        _fail(f"memory='mlp' needs Dv == Dk (M(x) = x + LN(GELU(x W1) W2) adds x), got Dk={pr['Dk']}, "
+              f"Dv={pr['Dv']}")
+    return _ln_param(ln_weight, "ln_weight", pr["H"], pr["Dv"], q), _ln_param(ln_bias, "ln_bias", pr["H"], pr["Dv"], q)
+
+
+def _final_anchor(pr, C: int, XT, AT, X0, device):
+    """offset and anchor of the chunked op's final state; XT, AT, X0 are tuples of matrices (X0 may be None).
+
+    At a boundary (offset 0) the anchor is X_T itself, and carries its gradient; a sequence shorter than
+    one chunk keeps the initial state as its anchor; otherwise it is the op's (constant) AT."""
+    N, T = pr["N"], pr["T"]
+    if pr["cu"] is not None:
+        lengths = pr["cu"][1:] - pr["cu"][:-1]
+        offset = lengths % C
+        at_boundary = (offset == 0).view(N, 1, 1, 1)
+        anchor = tuple(torch.where(at_boundary, x, a) for x, a in zip(XT, AT))
+        if X0 is not None:
+            short = (lengths < C).view(N, 1, 1, 1)
+            anchor = tuple(torch.where(short, x0.to(a.dtype), a) for x0, a in zip(X0, anchor))
+        return offset, anchor
+    offset = torch.full((N,), T % C, dtype=torch.int64, device=device)
+    if T % C == 0:
+        return offset, tuple(XT)
+    if T < C and X0 is not None:
+        return offset, tuple(x0.to(x.dtype) for x0, x in zip(X0, XT))
+    return offset, tuple(AT)
+
+
 def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2", retention="l2", p=3.0,
                   eps=1e-6, delta=1.0, huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0,
                   eps_q=1e-6, chunk_size=64, scale=None, initial_state: Optional[MemoryState] = None,
-                  output_final_state=False, cu_seqlens=None, ln_weight=None, ln_bias=None,
+                  output_final_state=False, cu_seqlens=None, ln_weight=None, ln_bias=None, expansion=None,
                   check_inputs=True) -> Tuple[Tensor, Optional[MemoryState]]:
     """Chunked Miras memory over a sequence (SPEC §5).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr, alpha, momentum: [B, T, H].
     Returns ``(o [B, T, H, Dv], final_state or None)``.
+
+    ``memory="mlp"`` (SPEC §6, ``M(x) = x + LN(GELU(x W1) W2)``): needs ``Dv == Dk`` and
+    ``initial_state=MemoryState(X=(W1 [N, H, Dk, Dh], W2 [N, H, Dh, Dv]))`` (P and anchor pairs too);
+    ``expansion`` (optional) checks ``Dh == expansion * Dk``; ``ln_weight, ln_bias [H, Dv]`` are the
+    LayerNorm's affine (differentiable); ``scale`` defaults to 1. CPU tensors run the C++ op
+    (``torch.ops.miras.mlp_chunk_fwd``); CUDA tensors the PyTorch reference (warns once).
     """
     if memory == "mlp":
-        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum, memory=memory, bias=bias,
-                             retention=retention, p=p, eps=eps, delta=delta, huber_mode=huber_mode,
-                             robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
-                             eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=ln_weight,
-                             ln_bias=ln_bias)
+        return _mlp_update(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                           huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale,
+                           q_norm=q_norm, eps_q=eps_q, chunk_size=chunk_size, scale=scale,
+                           initial_state=initial_state, output_final_state=output_final_state,
+                           cu_seqlens=cu_seqlens, ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
+                           check_inputs=check_inputs)
     if memory != "linear":
         _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    _linear_only(ln_weight, ln_bias, expansion)
     pr = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
                   huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
                   eps_q=eps_q, chunk_size=chunk_size, scale=scale, cu_seqlens=cu_seqlens, check_inputs=check_inputs)
@@ -234,23 +335,68 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l
     o, XT, PT, AT = out[0], out[1], out[2], out[3]
     if not output_final_state:
         return o, None
-    if pr["cu"] is not None:
-        lengths = pr["cu"][1:] - pr["cu"][:-1]
-        offset = lengths % C
-        # At a boundary (offset 0) the anchor is X_T itself, and carries its gradient; a sequence
-        # shorter than one chunk keeps the initial state as its anchor.
-        anchor = torch.where((offset == 0).view(N, 1, 1, 1), XT, AT)
-        if X0 is not None:
-            anchor = torch.where((lengths < C).view(N, 1, 1, 1), X0.to(XT.dtype), anchor)
-    else:
-        offset = torch.full((N,), T % C, dtype=torch.int64, device=q.device)
-        if T % C == 0:
-            anchor = XT
-        elif T < C and X0 is not None:
-            anchor = X0.to(XT.dtype)
-        else:
-            anchor = AT
+    offset, (anchor,) = _final_anchor(pr, C, (XT,), (AT,), None if X0 is None else (X0,), q.device)
     return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset)
+
+
+def _linear_only(ln_weight, ln_bias, expansion):
+    for name, val in (("ln_weight", ln_weight), ("ln_bias", ln_bias), ("expansion", expansion)):
+        if val is not None:
+            _fail(f"{name} applies to memory='mlp' only; pass None for the linear memory")
+
+
+def _mlp_update(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, huber_mode, robust_delta, gamma,
+                kl_scale, q_norm, eps_q, chunk_size, scale, initial_state, output_final_state, cu_seqlens, ln_weight,
+                ln_bias, expansion, check_inputs):
+    """memory_update(memory="mlp"): the same validation as the linear memory, then the C++ op on CPU tensors."""
+    if scale is None:
+        scale = 1.0  # SPEC §1: the MLP memory's default query scale
+    pr = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                  huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
+                  eps_q=eps_q, chunk_size=chunk_size, scale=scale, cu_seqlens=cu_seqlens, check_inputs=check_inputs)
+    N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
+    lnw, lnb = _mlp_checks(pr, ln_weight, ln_bias, q)
+    if initial_state is None:
+        _fail("memory='mlp' needs initial_state=MemoryState(X=(W1, W2)) with W1 [N, H, Dk, Dh] and "
+              "W2 [N, H, Dh, Dv]: an MLP memory has no useful zero state (its gradients vanish), SPEC §7")
+    X0, P0, A0, off = _mlp_state(initial_state, "initial_state", N, H, Dk, Dv, expansion, momentum, q)
+    if check_inputs:
+        _check_values(off.to(q.device) == 0,
+                      "memory_update needs initial_state.offset == 0 (a state at a chunk boundary); "
+                      "continue a partial chunk with memory_step, or pass the state from a chunk boundary")
+        if A0 is not X0 and not _compiling():
+            if not all(torch.equal(a, x) for a, x in zip(A0, X0)):
+                _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
+                      "anchor is the state itself")
+    if q.device.type != "cpu":
+        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum, memory="mlp", bias=bias,
+                             retention=retention, p=p, eps=eps, delta=delta, huber_mode=huber_mode,
+                             robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
+                             eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=lnw,
+                             ln_bias=lnb, expansion=None)
+    P1, P2 = (None, None) if (momentum is None or P0 is None) else P0
+    grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, *X0, P1, P2)
+    C = chunk_size
+    if output_final_state and grad and not _compiling():
+        # as for the linear memory: an exact gradient for an anchor inside the last chunk
+        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C,
+                                     dict(memory="mlp", bias=bias, retention=retention, p=p, eps=eps, delta=delta,
+                                          huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma,
+                                          kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C,
+                                          scale=pr["cfg"][-1], ln_weight=lnw, ln_bias=lnb, check_inputs=False))
+        if split is not None:
+            return split
+    out = torch.ops.miras.mlp_chunk_fwd(
+        q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, X0[0], X0[1], P1, P2, None,
+        None, pr["cu"], *pr["cfg"], C, grad)
+    o = out[0]
+    if not output_final_state:
+        return o, None
+    XT, AT = (out[1], out[2]), (out[5], out[6])
+    offset, anchor = _final_anchor(pr, C, XT, AT, X0, q.device)
+    return o, MemoryState(X=XT, P=(out[3], out[4]) if momentum is not None else None, anchor=anchor,
+                          offset=offset)
 
 
 def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw):
@@ -307,19 +453,18 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw)
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
                 memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0, huber_mode="yaad",
                 robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6, scale=None, ln_weight=None,
-                ln_bias=None, check_inputs=True) -> Tuple[Tensor, MemoryState]:
+                ln_bias=None, expansion=None, check_inputs=True) -> Tuple[Tensor, MemoryState]:
     """One token per sequence (decoding), SPEC §7. q, k: [B, H, Dk]; v: [B, H, Dv]; gates [B, H].
 
     Takes the gradient at ``state.anchor``, updates the state, reads after the write, and moves the
     anchor to the new state when ``offset`` reaches ``chunk_size`` (1 with ``exact=True``).
+    ``memory="mlp"``: the state's X, P and anchor are (W1, W2) pairs (see ``memory_update``); CPU
+    tensors run the C++ op, CUDA tensors the PyTorch reference.
     """
-    if memory == "mlp":
-        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, chunk_size=chunk_size,
-                             exact=exact, memory=memory, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                             huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale,
-                             q_norm=q_norm, eps_q=eps_q, scale=scale, ln_weight=ln_weight, ln_bias=ln_bias)
-    if memory != "linear":
+    if memory not in ("linear", "mlp"):
         _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    if memory == "linear":
+        _linear_only(ln_weight, ln_bias, expansion)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 3:
             _fail(f"memory_step: {name} must be [B, H, D] (one token per sequence), got "
@@ -333,11 +478,19 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
     def tok(t):
         return t.unsqueeze(1) if isinstance(t, Tensor) else t
 
+    if scale is None and memory == "mlp":
+        scale = 1.0  # SPEC §1: the MLP memory's default query scale
     pr = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), bias=bias, retention=retention, p=p,
                   eps=eps, delta=tok(delta), huber_mode=huber_mode, robust_delta=tok(robust_delta), gamma=tok(gamma),
                   kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C, scale=scale, cu_seqlens=None,
                   check_inputs=check_inputs)
     N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
+    if memory == "mlp":
+        return _mlp_step(q, k, v, lr, alpha, momentum, tok, pr, C, state=state, expansion=expansion,
+                         ln_weight=ln_weight, ln_bias=ln_bias, check_inputs=check_inputs,
+                         ref_kw=dict(chunk_size=chunk_size, exact=exact, bias=bias, retention=retention, p=p,
+                                     eps=eps, delta=delta, huber_mode=huber_mode, robust_delta=robust_delta,
+                                     gamma=gamma, kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, scale=scale))
     sshape = (N, H, Dk, Dv)
     X0 = _state_tensor(state.X, "state.X", sshape, q)
     A0 = _state_tensor(state.anchor, "state.anchor", sshape, q)
@@ -362,6 +515,33 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
     anchor = torch.where(moved.view(N, 1, 1, 1), XT, A0.to(XT.dtype))
     new_off = torch.where(moved, torch.zeros_like(new_off), new_off)
     return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=new_off)
+
+
+def _mlp_step(q, k, v, lr, alpha, momentum, tok, pr, C, *, state, expansion, ln_weight, ln_bias, check_inputs,
+              ref_kw):
+    """memory_step(memory="mlp"): the MLP op on one token with the state's separate anchor."""
+    N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
+    lnw, lnb = _mlp_checks(pr, ln_weight, ln_bias, q)
+    X0, P0, A0, off = _mlp_state(state, "state", N, H, Dk, Dv, expansion, momentum, q)
+    off = off.to(device=q.device, dtype=torch.int64)
+    if check_inputs:
+        _check_values((off >= 0) & (off < C), f"state.offset must lie in [0, chunk_size={C})")
+    if q.device.type != "cpu":
+        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, memory="mlp", ln_weight=lnw,
+                             ln_bias=lnb, expansion=None, **ref_kw)
+    P1, P2 = (None, None) if (momentum is None or P0 is None) else P0
+    grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, *X0, P1, P2,
+                       *A0)
+    out = torch.ops.miras.mlp_chunk_fwd(
+        tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), pr["bias_tensor"], pr["ret_tensor"], lnw, lnb,
+        X0[0], X0[1], P1, P2, A0[0], A0[1], None, *pr["cfg"], 1, grad)
+    o, XT = out[0][:, 0], (out[1], out[2])
+    new_off = off + 1
+    moved = new_off >= C
+    anchor = tuple(torch.where(moved.view(N, 1, 1, 1), x, a.to(x.dtype)) for x, a in zip(XT, A0))
+    new_off = torch.where(moved, torch.zeros_like(new_off), new_off)
+    return o, MemoryState(X=XT, P=(out[3], out[4]) if momentum is not None else None, anchor=anchor,
+                          offset=new_off)
 
 
 # ---- presets (the paper's models as points of the design space) ---------------------------------
