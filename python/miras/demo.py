@@ -20,11 +20,10 @@ training tokens/s), ``results.json`` and (when matplotlib is importable) ``accur
 (default ``demo_out/``).
 
 The default run (5 models × 2 tasks, 2-layer models with d_model 64, 250 steps of 32 sequences at
-lengths 16/32/64) needs about 3.5 CPU-minutes per core on two cores: on a CPU it trains two models
-at a time in worker processes (``--jobs``), one thread each (measured when the MLP memories of Moneta,
-Yaad and Memora still ran through the PyTorch reference; on the CPU they now run the C++ op, on CUDA
-the reference until their CUDA kernel lands); the
-flags ``--steps``, ``--seq-lens``, ``--models``, ``--tasks``, ``--d-model`` scale the run up or down.
+lengths 16/32/64) took 157 s wall on a 2-core CPU (2026-11-26, with the MLP memories on the C++ op;
+bench/RESULTS.md §3): on a CPU it trains two models at a time in worker processes (``--jobs``), one
+thread each. On CUDA the MLP memories still run through the PyTorch reference until their CUDA kernel
+lands. The flags ``--steps``, ``--seq-lens``, ``--models``, ``--tasks``, ``--d-model`` scale the run.
 Every model gets the same sizes, steps, data, optimiser and learning rate.
 """
 from __future__ import annotations
@@ -47,7 +46,7 @@ ALL_MODELS = ["moneta", "yaad", "memora", "titans", "linear_attention"]
 ALL_TASKS = ["mqar", "niah"]
 IGNORE = -100
 
-# Default run: sized to finish in about 10 minutes on a 2-core CPU (see README / --help).
+# Default run: well under 10 minutes on a 2-core CPU (157 s measured; see README / --help).
 DEFAULTS = dict(models=",".join(ALL_MODELS), tasks=",".join(ALL_TASKS), seq_lens="16,32,64", steps=250,
                 batch_size=32, d_model=64, num_layers=2, num_heads=4, head_dim=None, chunk_size=16, lr=1e-3,
                 eval_batches=4, eval_batch_size=64, num_keys=16, num_values=16, needles=3, queries=2, seed=0)
