@@ -134,6 +134,8 @@ def _cu_seqlens(cu, B: int, T: int, q: Tensor, check: bool) -> Tensor:
         _fail(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {list(cu.shape)}")
     if B != 1:
         _fail(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+    if cu.device != q.device and cu.device.type != "cpu":
+        _fail(f"cu_seqlens is on {cu.device} but q is on {q.device}; pass it on q's device or the CPU")
     cu = cu.to(device=q.device, dtype=torch.int64)
     if check:
         _check_values(cu[:1] == 0, "cu_seqlens must start at 0")
