@@ -26,6 +26,7 @@ _BIAS_CODE = {"dot": 0, "l2": 1, "lp": 2, "robust": 6}
 _HUBER_CODE = {"yaad": 3, "coord": 4, "norm": 5}
 _RET_CODE = {"l2": 0, "kl": 1, "elastic_net": 2, "lq": 3}
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 
 Param = Union[float, Tensor]
 
@@ -170,6 +171,12 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
         if momentum is not None:
             _check_gate(momentum, "momentum", 0.0, 1.0, False, True, "[0, 1)")
     bias_code, ret_code = _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
+    if retention == "lq" and q.dtype != torch.float64 and float(eps_q) ** (float(q_norm) - 2.0) < _F32_TINY:
+        # below a zero-ish state the lq map reads W = X / eps_q^(q-2): that scale must be a float32
+        _fail(f"q_norm={q_norm} with eps_q={eps_q} is out of float32 range: eps_q**(q_norm - 2) = "
+              f"{float(eps_q) ** (float(q_norm) - 2.0):.3g} underflows (a zero state would read as NaN); "
+              f"raise eps_q, lower q_norm to <= {2.0 + math.log(_F32_TINY) / math.log(float(eps_q)):.2f}, "
+              f"or use float64 inputs (README: numerical safe ranges)")
     bias_scalar, bias_tensor = 1.0, None
     if bias == "huber":
         bias_scalar, bias_tensor = _param(delta, "delta", gshape, q, 0.0, True, check_inputs)
