@@ -327,27 +327,33 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw)
     if bool(((lengths % C == 0) | (lengths < C)).all()):
         return None
     pre = (lengths // C) * C
+    # Call 1 runs over the packed tokens as they are (no copies, so nothing input-sized is saved
+    # twice for backward): each sequence's whole chunks [start, start + pre) are one segment and
+    # its remainder (< C tokens) a second, throwaway segment; call 2 reruns the remainders
+    # (gathered: < C tokens per sequence) from the states at the last boundaries.
+    cu1 = torch.cat([cu[:1], torch.stack([cu[:-1] + pre, cu[1:]], 1).flatten()])
+    state1 = None
+    if initial_state is not None:
+        def pad(x):  # the real state at even positions, zeros for the throwaway segments
+            return None if x is None else torch.stack([x, torch.zeros_like(x)], 1).flatten(0, 1)
+
+        state1 = MemoryState(X=pad(initial_state.X), P=pad(initial_state.P))
+    o1, s1 = memory_update(q, k, v, lr, alpha, momentum, initial_state=state1, output_final_state=True,
+                           cu_seqlens=cu1, **{**kw, **params})
+    X1 = s1.X[0::2]
+    P1 = s1.P[0::2] if s1.P is not None else None
     seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
     pos = torch.arange(T, device=cu.device) - cu[seg]
-    is_pre = pos < pre[seg]
-    idx_pre, idx_suf = is_pre.nonzero().flatten(), (~is_pre).nonzero().flatten()
-    zero = cu.new_zeros(1)
-    cu_pre = torch.cat([zero, pre.cumsum(0)])
-    cu_suf = torch.cat([zero, (lengths - pre).cumsum(0)])
+    idx_suf = (pos >= pre[seg]).nonzero().flatten()
+    cu_suf = torch.cat([cu.new_zeros(1), (lengths - pre).cumsum(0)])
 
-    def run(idx, cu_part, state):
-        def take(x):
-            return x.index_select(1, idx) if isinstance(x, Tensor) else x
+    def take(x):
+        return x.index_select(1, idx_suf) if isinstance(x, Tensor) else x
 
-        extra = {n: take(val) for n, val in params.items()}
-        return memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum), initial_state=state,
-                             output_final_state=True, cu_seqlens=cu_part, **{**kw, **extra})
-
-    o1, s1 = run(idx_pre, cu_pre, initial_state)
-    o2, s2 = run(idx_suf, cu_suf, s1)
-    o = torch.zeros((q.shape[0], T) + tuple(o1.shape[2:]), dtype=o1.dtype, device=o1.device)
-    o = o.index_copy(1, idx_pre, o1).index_copy(1, idx_suf, o2)
-    return o, MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset)
+    o2, s2 = memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum),
+                           initial_state=MemoryState(X=X1, P=P1), output_final_state=True, cu_seqlens=cu_suf,
+                           **{**kw, **{n: take(val) for n, val in params.items()}})
+    return o1.index_copy(1, idx_suf, o2), MemoryState(X=s2.X, P=s2.P, anchor=X1, offset=s2.offset)
 
 
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
