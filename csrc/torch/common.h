@@ -23,7 +23,6 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size);
 void check_float(const at::Tensor& t, const char* name, const at::Tensor& q);
 void check_gate_like(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& q);
-int64_t effective_chunk(int64_t chunk_size, int64_t T);
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size);
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q);

@@ -65,13 +65,6 @@ void check_gate_like(const c10::optional<at::Tensor>& t, const char* name, const
   check_float(*t, name, q);
 }
 
-int64_t effective_chunk(int64_t chunk_size, int64_t T) {
-  // A chunk longer than the sequence is one chunk that never completes: any C > T computes the
-  // same. Cap absurd sizes (so that (T + C - 1) / C cannot overflow, and C fits 32 bits), keeping
-  // every C <= 2^30 as given.
-  if (chunk_size <= T) return chunk_size;
-  return std::max<int64_t>(T + 1, std::min<int64_t>(chunk_size, int64_t(1) << 30));
-}
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size) {
