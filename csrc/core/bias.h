@@ -101,8 +101,8 @@ MIRAS_HD A bias_vjp_e(const BiasArgs<A>& b, A e, A dpsi, A sumsq, A edpsi) {
       A s = e * e + b.eps;
       return b.param * b.eps / (s * m_sqrt(s)) * dpsi;
     }
-    case kBiasHuberCoord:
-      return (e < b.param && e > -b.param) ? dpsi : A(0);
+    case kBiasHuberCoord:  // |e| <= delta is the clamp's identity branch, as in bias_psi
+      return (e <= b.param && e >= -b.param) ? dpsi : A(0);
     case kBiasHuberNorm: {
       A n = m_sqrt(sumsq);
       if (n <= b.param) return dpsi;
