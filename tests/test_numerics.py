@@ -351,3 +351,24 @@ def test_cuda_outside_range_like_cpu_float32(ret):
     o_cpu, _ = miras.memory_update(*_cast(args, {}, torch.float32)[0], bias="lp", retention=ret, chunk_size=16)
     t_gpu, t_cpu = _first_bad_token(o.cpu()), _first_bad_token(o_cpu)
     assert (t_gpu is None) == (t_cpu is None) and (t_gpu is None or abs(t_gpu - t_cpu) <= 16), (t_gpu, t_cpu)
+
+
+@pytest.mark.parametrize("dtype,T", [(torch.float64, 110), (torch.float32, 20)])
+def test_lq_subnormal_accumulator(dtype, T):
+    """lr = 0 and alpha = 1e-3 from an initial state: the accumulator decays into the subnormal
+    range (float64 ~1e-309 at T = 110, float32 ~1e-40 at T = 20). Regression: the rescaled norm
+    divided by a reciprocal of the subnormal max (inf), turning n into inf and W into 0."""
+    g = torch.Generator().manual_seed(0)
+    args = _plain(T=T, lr=0.0, alpha=1e-3, D=3, H=2)
+    X0 = 0.3 * torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64)
+    leaves = [t.to(dtype).requires_grad_() for t in args[:5]] + [X0.to(dtype).requires_grad_()]
+    outs = []
+    for fn, lv in ((miras.memory_update, leaves),
+                   (R.memory_update_chunked, [t.detach().double().requires_grad_() for t in leaves])):
+        o, s = fn(*lv[:5], retention="lq", bias="dot", chunk_size=4, output_final_state=True,
+                  initial_state=miras.MemoryState(X=lv[5]))
+        cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        outs.append([o] + list(torch.autograd.grad((o * cot).sum(), lv)))
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(["o", "q", "k", "v", "lr", "alpha", "X0"], *outs):
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))

@@ -364,9 +364,8 @@ inline T lq_norm(T sum, const T* MIRAS_RESTRICT x, int64_t n, T q) {
   T m = T(0);
   for (int64_t e = 0; e < n; ++e) m = std::max(m, m_abs(x[e]));
   if (!(m > T(0)) || !(m <= std::numeric_limits<T>::max())) return lq_norm_from_sum(sum, q);  // 0, inf, nan
-  const T rm = T(1) / m;
-  T s = T(0);
-  for (int64_t e = 0; e < n; ++e) s += m_pow(m_abs(x[e]) * rm, q);
+  T s = T(0);  // (divide: 1/m overflows for a subnormal m)
+  for (int64_t e = 0; e < n; ++e) s += m_pow(m_abs(x[e]) / m, q);
   return m * lq_norm_from_sum(s, q);
 }
 
