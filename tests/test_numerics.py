@@ -8,7 +8,7 @@ residuals, and the float32 safe ranges documented in README.md ("Numerical safe 
   over the last 512 tokens is not larger (beyond 3× and round-off) than over the first 512: no
   growth with T. (The op is causal, so the first 512 outputs of the T = 4,096 run are the T = 512
   run.)
-- Inside the safe ranges, extreme magnitudes are still accurate (lq accumulators up to ~1e12,
+- Inside the safe ranges, extreme magnitudes are still accurate (lq accumulators up to ~1e11,
   large residuals below 1e19, ...). Outside them (divergent lr, residuals beyond float32's square
   root of its range) nothing crashes, float64 agrees with the reference, and float32 turns
   non-finite only once the float64 reference itself leaves float32's range (in its outputs, its
