@@ -109,3 +109,31 @@ def test_huge_chunk_size_is_one_chunk():
     for C in (2 ** 31 + 1, 2 ** 62, 2 ** 63 - 1):
         o, s = miras.memory_update(q, k, v, lr, alpha, chunk_size=C, output_final_state=True)
         assert torch.equal(o, ref) and torch.equal(s.X, sref.X) and torch.equal(s.offset, sref.offset)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["k", "v", "lr", "alpha", "momentum"])
+def test_cuda_mixed_devices_raise(name):
+    import torch
+
+    B, T, H, D = 1, 8, 2, 16
+    t = dict(q=torch.randn(B, T, H, D), k=torch.randn(B, T, H, D), v=torch.randn(B, T, H, D),
+             lr=torch.full((B, T, H), 0.1), alpha=torch.full((B, T, H), 0.9), momentum=torch.full((B, T, H), 0.5))
+    t = {n: (x.cuda() if n != name else x) for n, x in t.items()}
+    with pytest.raises(ValueError, match=name):
+        miras.memory_update(t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"])
+    raw = [t["q"], t["k"], t["v"], t["lr"], t["alpha"], t["momentum"]] + [None] * 6 + \
+        [1, 0, 3.0, 1e-6, 1.0, 0.0, 1.0, 4.0, 1e-6, 0.25, 4, True]
+    with pytest.raises(Exception, match=name):
+        torch.ops.miras.chunk_fwd(*raw)
+
+
+@pytest.mark.cuda
+def test_cuda_unsupported_head_dim_raises():
+    import torch
+
+    q = torch.randn(1, 4, 1, 300, device="cuda")
+    v = torch.randn(1, 4, 1, 8, device="cuda")
+    gates = torch.full((1, 4, 1), 0.5, device="cuda")
+    with pytest.raises(Exception, match="Dk|head"):
+        miras.memory_update(q, q, v, gates, gates, retention="kl")
