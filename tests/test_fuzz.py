@@ -9,8 +9,9 @@ float and [B, T, H] tensor parameters, varlen with empty and length-1 segments, 
 transposed / strided / expanded (stride-0) views as inputs. Outputs, the final state and (on a
 sample of cases) the gradients of every input must match the reference.
 
-Profiles: CI runs a small derandomized profile (212 fixed cases, ~25 s on 2 cores). The full
-profile (15,000 cases: 12,000 memory_update + 3,000 memory_step, random seeds; ~8 min) runs with
+Profiles: CI runs a derandomized profile (652 fixed cases: 500 memory_update, 150 memory_step, 2
+explicit long examples; ~5 s on 2 idle cores). The full profile (25,000 cases: 20,000
+memory_update + 5,000 memory_step, random seeds) runs with
 
     MIRAS_FUZZ=full PYTHONPATH=python python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
@@ -134,21 +135,28 @@ def cases(draw, step=False):
     # ill-conditioned beyond float32 (tests/conftest.py make_inputs); float64 cases keep small ε.
     smooth = (bias == "huber" and huber_mode == "yaad") or (bias == "lp" and p < 2)
     eps = draw(st.sampled_from([1e-2, 1e-3] if (low_prec and smooth) else [1e-6, 1e-3]))
+    # lq with q = 3 reads W = A/‖A‖_3, which is scale-invariant: its Jacobian vanishes along A, and
+    # the VJP forms that zero as a difference of O(1/‖A‖) terms. With a 1x1 memory that is the
+    # whole Jacobian (W = sign(A)); with alpha = 1e-3 at every token the state is one token's update,
+    # so the gradients of lr / alpha are (nearly) that radial zero. Either way a float32 result is
+    # rounding noise of size u/‖A‖ (the float32 reference shows the same); those two combinations
+    # are drawn in float64 only.
+    q_norm = draw(st.sampled_from([2.0, 3.0, 4.0] if (Dk * Dv > 1 or not low_prec) else [2.0, 4.0]))
+    alpha_style = draw(st.sampled_from(["rand", "one", "tiny", "mixed"]))
+    if low_prec and retention == "lq" and q_norm == 3.0 and alpha_style == "tiny":
+        alpha_style = "mixed"
     return dict(
         dtype=dtype, gate_dtype=gate_dtype, bias=bias, huber_mode=huber_mode, retention=retention,
         mom_style=mom_style, B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, C=C, segs=segs,
         cu_dtype=draw(st.sampled_from([torch.int32, torch.int64])),
         lr_style=draw(st.sampled_from(["rand", "rand", "rand", "zero", "mixed"])),
-        alpha_style=draw(st.sampled_from(["rand", "one", "tiny", "mixed"])),
+        alpha_style=alpha_style,
         p=p, eps=eps,
         param_tensor=draw(st.booleans()),
         robust_scalar=draw(st.sampled_from([0.0, 0.5])),
         gamma_style=draw(st.sampled_from(["tensor", "float", "zero"])),
         kl_scale=draw(st.sampled_from([1.0, 1.5])),
-        # (with a 1x1 memory, q = 3 reads W = A/|A| = sign(A): a Jacobian that is identically zero,
-        # computed as a difference of O(1/|A|) terms, so float32 gradients through it are pure
-        # rounding noise; q = 3 is drawn for every larger memory)
-        q_norm=draw(st.sampled_from([2.0, 3.0, 4.0] if Dk * Dv > 1 else [2.0, 4.0])),
+        q_norm=q_norm,
         scale=draw(st.sampled_from([None, None, 0.5, 1.3])),
         init=draw(st.sampled_from([None, "X", "XP"])),
         layout=draw(st.sampled_from(["contiguous", "contiguous", "transposed", "strided", "expanded"])),
@@ -400,7 +408,7 @@ _EXAMPLE = dict(dtype=torch.float32, gate_dtype=torch.float32, bias="lp", huber_
 
 
 # two fixed long examples run in every profile (hypothesis draws mostly short sequences)
-@_profile(ci=150, full=12000)
+@_profile(ci=500, full=20000)
 @given(case=cases())
 @example(case=_EXAMPLE)
 @example(case=dict(_EXAMPLE, dtype=torch.bfloat16, gate_dtype=torch.float32, bias="huber", huber_mode="norm",
@@ -440,7 +448,7 @@ def check_step(case):
     return check(case, runner(miras.memory_step), runner(R.memory_step), leaves, grad)
 
 
-@_profile(ci=60, full=3000)
+@_profile(ci=150, full=5000)
 @given(case=cases(step=True))
 def test_fuzz_memory_step(case):
     _events(case)
