@@ -332,16 +332,22 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw)
     # its remainder (< C tokens) a second, throwaway segment; call 2 reruns the remainders
     # (gathered: < C tokens per sequence) from the states at the last boundaries.
     cu1 = torch.cat([cu[:1], torch.stack([cu[:-1] + pre, cu[1:]], 1).flatten()])
+
+    def each(f, x):  # a state is a tensor or a tuple of them (one per matrix of the memory)
+        if x is None:
+            return None
+        return tuple(f(t) for t in x) if isinstance(x, (tuple, list)) else f(x)
+
     state1 = None
     if initial_state is not None:
         def pad(x):  # the real state at even positions, zeros for the throwaway segments
-            return None if x is None else torch.stack([x, torch.zeros_like(x)], 1).flatten(0, 1)
+            return torch.stack([x, torch.zeros_like(x)], 1).flatten(0, 1)
 
-        state1 = MemoryState(X=pad(initial_state.X), P=pad(initial_state.P))
+        state1 = MemoryState(X=each(pad, initial_state.X), P=each(pad, initial_state.P))
     o1, s1 = memory_update(q, k, v, lr, alpha, momentum, initial_state=state1, output_final_state=True,
                            cu_seqlens=cu1, **{**kw, **params})
-    X1 = s1.X[0::2]
-    P1 = s1.P[0::2] if s1.P is not None else None
+    X1 = each(lambda t: t[0::2], s1.X)
+    P1 = each(lambda t: t[0::2], s1.P)
     seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
     pos = torch.arange(T, device=cu.device) - cu[seg]
     idx_suf = (pos >= pre[seg]).nonzero().flatten()
