@@ -636,7 +636,7 @@ miras_status miras_config_init(miras_config* config, int64_t head_dim_k) {
 
 int64_t miras_num_chunk_slots(int64_t num_seqs, int64_t T, int64_t chunk_size, int32_t varlen) {
   if (num_seqs < 0 || T < 0 || chunk_size < 1) return -1;
-  return miras::num_chunk_slots(num_seqs, T, chunk_size, varlen != 0);
+  return miras::num_chunk_slots(num_seqs, T, miras::effective_chunk(chunk_size, T), varlen != 0);
 }
 
 miras_status miras_chunk_fwd_workspace_size(const miras_config* config, const miras_chunk_inputs* in,

@@ -25,6 +25,17 @@ MIRAS_HD double m_log(double x) { return log(x); }
 MIRAS_HD float m_abs(float x) { return fabsf(x); }
 MIRAS_HD double m_abs(double x) { return fabs(x); }
 
+// x / sqrt(x^2 + eps), the smoothed sign, without overflow: for |x| > 1 it is evaluated as
+// t / sqrt(t^2 + eps/x^2) with t = x/|x| (x^2 overflows float32 at |x| ~ 1.8e19, and with it
+// Yaad's delta * x / sqrt(x^2 + eps) turned into inf/inf = NaN while the value is +-delta).
+template <typename A>
+MIRAS_HD A smooth_sign(A x, A eps) {
+  const A a = m_abs(x);
+  const A d = a > A(1) ? a : A(1);
+  const A t = x / d;
+  return t / m_sqrt(t * t + (eps / d) / d);
+}
+
 MIRAS_HD bool bias_needs_row_norm(int kind) {
   return kind == kBiasHuberYaad || kind == kBiasHuberNorm || kind == kBiasRobust;
 }
@@ -57,7 +68,7 @@ MIRAS_HD A bias_psi(const BiasArgs<A>& b, A e, A v, A sumsq) {
       return e * (b.p == A(3) ? m_sqrt(s) : m_pow(s, (b.p - A(2)) / A(2)));
     }
     case kBiasHuberYaad:
-      return m_sqrt(sumsq) <= b.param ? e : b.param * e / m_sqrt(e * e + b.eps);
+      return m_sqrt(sumsq) <= b.param ? e : b.param * smooth_sign(e, b.eps);
     case kBiasHuberCoord:
       return e < -b.param ? -b.param : (e > b.param ? b.param : e);
     case kBiasHuberNorm: {
@@ -90,8 +101,8 @@ MIRAS_HD A bias_vjp_e(const BiasArgs<A>& b, A e, A dpsi, A sumsq, A edpsi) {
       A s = e * e + b.eps;
       return b.param * b.eps / (s * m_sqrt(s)) * dpsi;
     }
-    case kBiasHuberCoord:
-      return (e < b.param && e > -b.param) ? dpsi : A(0);
+    case kBiasHuberCoord:  // |e| <= delta is the clamp's identity branch, as in bias_psi
+      return (e <= b.param && e >= -b.param) ? dpsi : A(0);
     case kBiasHuberNorm: {
       A n = m_sqrt(sumsq);
       if (n <= b.param) return dpsi;
@@ -111,7 +122,7 @@ template <typename A>
 MIRAS_HD A bias_vjp_param(const BiasArgs<A>& b, A e, A dpsi, A sumsq) {
   switch (b.kind) {
     case kBiasHuberYaad:
-      return m_sqrt(sumsq) <= b.param ? A(0) : dpsi * e / m_sqrt(e * e + b.eps);
+      return m_sqrt(sumsq) <= b.param ? A(0) : dpsi * smooth_sign(e, b.eps);
     case kBiasHuberCoord:
       return e > b.param ? dpsi : (e < -b.param ? -dpsi : A(0));
     case kBiasHuberNorm: {

@@ -141,6 +141,17 @@ struct MlpBwdParams {
 
 MIRAS_HD int64_t num_chunks(int64_t len, int64_t C) { return (len + C - 1) / C; }
 
+// The chunk size a front end hands to the backends for sequences of at most T tokens. A chunk
+// longer than the sequence is one chunk that never completes, so every C > T computes the same;
+// absurd sizes are capped (num_chunks' len + C - 1 overflowed for C near 2^63, and the CUDA
+// kernels keep C in 32 bits), every C <= 2^30 is kept as given.
+MIRAS_HD int64_t effective_chunk(int64_t chunk_size, int64_t T) {
+  if (chunk_size <= T) return chunk_size;
+  const int64_t cap = int64_t(1) << 30;
+  const int64_t c = chunk_size < cap ? chunk_size : cap;
+  return c > T + 1 ? c : T + 1;
+}
+
 // Slots needed for saved chunk states: exact without cu_seqlens; an upper bound (T/C + N) with
 // them, so that shapes depend on input shapes alone (no device sync, torch.compile-friendly).
 MIRAS_HD int64_t num_chunk_slots(int64_t N, int64_t T, int64_t C, bool varlen) {

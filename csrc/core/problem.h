@@ -33,7 +33,7 @@ inline Problem make_problem(int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t
   pr.Dv = Dv;
   pr.varlen = num_segments >= 0;
   pr.N = pr.varlen ? num_segments : B;
-  pr.slots = num_chunk_slots(pr.N, pr.T, chunk_size, pr.varlen);
+  pr.slots = num_chunk_slots(pr.N, pr.T, effective_chunk(chunk_size, pr.T), pr.varlen);
   return pr;
 }
 
@@ -113,6 +113,7 @@ inline void set_problem(ChunkFwdParams& prm, const Problem& pr, int32_t dtype, c
   prm.Dv = pr.Dv;
   prm.dtype = dtype;
   prm.cfg = cfg;
+  prm.cfg.chunk_size = effective_chunk(cfg.chunk_size, pr.T);  // (params.h: huge sizes capped)
   prm.num_chunk_slots = pr.slots;
 }
 

@@ -57,12 +57,17 @@ template <typename A>
 MIRAS_HD A lq_inv_scale(A n, A q, A eps_q) { return A(1) / m_pow(n > eps_q ? n : eps_q, q - A(2)); }
 // lq VJP element: dA = dW*inv - (q-2) <dW,X> sign(x)|x|^(q-1) / n^(2q-2)   (n > eps_q)
 //                 dA = dW*inv                                                (n <= eps_q)
+// evaluated as dW*inv - coef * sign(x)(|x|/n)^(q-1) with coef = (q-2) <dW,X> inv / n
+// (lq_vjp_coef): n^(2q-2) itself overflows float32 already at n ~ 2.6e6 for q = 4 (the term then
+// vanished silently); |x|/n <= 1 and inv = n^-(q-2) keep every factor in range.
+template <typename A>
+MIRAS_HD A lq_vjp_coef(A dwx, A n, A inv, A q) { return (q - A(2)) * (dwx * inv / n); }
 template <typename A>
 MIRAS_HD A lq_read_vjp(A x, A dw, A inv, A n, A dwx, A q, A eps_q) {
   A g = dw * inv;
   if (n > eps_q) {
     A sx = x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0));
-    g -= (q - A(2)) * dwx * sx * m_pow(m_abs(x), q - A(1)) / m_pow(n, A(2) * q - A(2));
+    g -= lq_vjp_coef(dwx, n, inv, q) * sx * m_pow(m_abs(x) / n, q - A(1));
   }
   return g;
 }

@@ -354,6 +354,21 @@ inline void lq_acc_row(const T* MIRAS_RESTRICT x, T* MIRAS_RESTRICT acc, int64_t
   }
 }
 
+// The lq norm n = (sum |x|^q)^(1/q) from the plain sum; where that sum overflowed (entries beyond
+// ~(max / (Dk Dv))^(1/q): ~4e8 for q = 4, Dk = Dv = 128 in float32) or fell into the subnormal
+// range, it is recomputed scaled by max |x| (rare path, same value otherwise).
+template <typename T>
+inline T lq_norm(T sum, const T* MIRAS_RESTRICT x, int64_t n, T q) {
+  const T lo = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  if (sum >= lo && sum <= std::numeric_limits<T>::max()) return lq_norm_from_sum(sum, q);
+  T m = T(0);
+  for (int64_t e = 0; e < n; ++e) m = std::max(m, m_abs(x[e]));
+  if (!(m > T(0)) || !(m <= std::numeric_limits<T>::max())) return lq_norm_from_sum(sum, q);  // 0, inf, nan
+  T s = T(0);  // (divide: 1/m overflows for a subnormal m)
+  for (int64_t e = 0; e < n; ++e) s += m_pow(m_abs(x[e]) / m, q);
+  return m * lq_norm_from_sum(s, q);
+}
+
 // ---- read map at the anchor (whole matrix) --------------------------------------------------------
 // W = phi(Xa). For lq also returns the norm and the scale; tmp needs 2*Dv.
 template <typename T, int RET>
@@ -384,7 +399,7 @@ void phi_full(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_RESTRICT 
     for (int64_t i = 0; i < Dk; ++i) lq_acc_row(Xa + i * Dv, acc, Dv, cf.qn, cf.qmode);
     T sum = T(0);
     for (int64_t j = 0; j < Dv; ++j) sum += acc[j];
-    const T n = lq_norm_from_sum(sum, cf.qn);
+    const T n = lq_norm(sum, Xa, DkDv, cf.qn);
     const T inv = lq_inv_scale(n, cf.qn, cf.eps_q);
     for (int64_t e = 0; e < DkDv; ++e) W[e] = Xa[e] * inv;
     *n_out = n;
@@ -417,9 +432,9 @@ void phi_vjp_full(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_RESTR
         for (int64_t j = 0; j < Dv; ++j) acc[j] += dW[i * Dv + j] * Xa[i * Dv + j];
       T dwx = T(0);
       for (int64_t j = 0; j < Dv; ++j) dwx += acc[j];
-      const T coef = (cf.qn - T(2)) * dwx / m_pow(n, T(2) * cf.qn - T(2));
+      const T coef = lq_vjp_coef(dwx, n, inv, cf.qn), rn = T(1) / n;
       for (int64_t e = 0; e < DkDv; ++e)
-        dXa[e] += dW[e] * inv - coef * lq_sgnpow(Xa[e], cf.qn, cf.qmode);
+        dXa[e] += dW[e] * inv - coef * lq_sgnpow(Xa[e] * rn, cf.qn, cf.qmode);
     } else {
       for (int64_t e = 0; e < DkDv; ++e) dXa[e] += dW[e] * inv;
     }
@@ -654,7 +669,7 @@ inline void token_fwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* Xin, T*
     } else {
       T sum = T(0);
       for (int64_t j = 0; j < Dv; ++j) sum += tmp[j];
-      const T n = lq_norm_from_sum(sum, cf.qn);
+      const T n = lq_norm(sum, Xout, Dk * Dv, cf.qn);
       const T inv = lq_inv_scale(n, cf.qn, cf.eps_q);
       for (int64_t j = 0; j < Dv; ++j) o[j] = inv * aux[j];
       aux[Dv] = n;
@@ -742,7 +757,7 @@ inline void token_bwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_R
   const T scale = cf.scale;
   for (int64_t j = 0; j < Dv; ++j) dpst[j] = T(0);
   T dalpha = T(0), dbeta = T(0), dgam = T(0);
-  T inv = T(1), coef = T(0);
+  T inv = T(1), coef = T(0), rn = T(0);
   if constexpr (RET == kRetLq) {
     const T* qx = aux;
     const T n = aux[Dv];
@@ -750,7 +765,8 @@ inline void token_bwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_R
     if (n > cf.eps_q) {
       T dwx = T(0);  // <dW, X_t> with dW = q~^T do
       for (int64_t j = 0; j < Dv; ++j) dwx += dot[j] * qx[j];
-      coef = (cf.qn - T(2)) * dwx / m_pow(n, T(2) * cf.qn - T(2));
+      coef = lq_vjp_coef(dwx, n, inv, cf.qn);  // times sign(x)(|x|/n)^(q-1)
+      rn = T(1) / n;
     }
   }
   if constexpr (RET == kRetKL) {
@@ -825,12 +841,13 @@ MIRAS_SIMD_REDUCE(dqi)
 MIRAS_SIMD_REDUCE(dqi)
           for (int64_t j = 0; j < Dv; ++j) {
             dqi += dot[j] * x[j];
-            tmp[j] = dx[j] + qi * inv * dot[j] - coef * (x[j] * x[j] * x[j]);
+            const T y = x[j] * rn;
+            tmp[j] = dx[j] + qi * inv * dot[j] - coef * (y * y * y);
           }
         } else {
           for (int64_t j = 0; j < Dv; ++j) {
             dqi += dot[j] * x[j];
-            tmp[j] = dx[j] + qi * inv * dot[j] - coef * lq_sgnpow(x[j], cf.qn, cf.qmode);
+            tmp[j] = dx[j] + qi * inv * dot[j] - coef * lq_sgnpow(x[j] * rn, cf.qn, cf.qmode);
           }
         }
       } else {

@@ -19,6 +19,8 @@ namespace torch_glue {
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
                   const c10::optional<at::Tensor>& cu_seqlens, int64_t chunk_size);
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& q);
+void check_gate_like(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& q);
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size);
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q);

@@ -40,10 +40,35 @@ void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2,
                 "miras: cu_seqlens must be 1-D [N+1] with N >= 1, got ", cu_seqlens->sizes());
   }
-  for (const at::Tensor* t : {&k, &v, &lr, &alpha})
-    TORCH_CHECK(t->device() == q.device(), "miras: all tensors must be on q's device ", q.device(), ", got ",
-                t->device());
+  check_float(q, "q", q);
+  check_float(k, "k", q);
+  check_float(v, "v", q);
+  check_float(lr, "lr", q);
+  check_float(alpha, "alpha", q);
+  if (momentum.has_value()) check_float(*momentum, "momentum", q);
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK_VALUE(cu_seqlens->scalar_type() == at::kInt || cu_seqlens->scalar_type() == at::kLong,
+                      "miras: cu_seqlens must be int32 or int64, got ", cu_seqlens->scalar_type());
+    TORCH_CHECK_VALUE(cu_seqlens->device() == q.device(), "miras: cu_seqlens must be on q's device ", q.device(),
+                      ", got ", cu_seqlens->device());
+  }
 }
+
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "miras: ", name, " must be a floating-point tensor, got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == q.device(), "miras: ", name, " must be on q's device ", q.device(), ", got ",
+                    t.device());
+}
+
+void check_gate_like(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& q) {
+  if (!t.has_value()) return;
+  auto gate_shape = q.sizes().slice(0, 3);
+  TORCH_CHECK_VALUE(t->sizes() == gate_shape, "miras: ", name, " must be [B, T, H] = ", gate_shape, ", got ",
+                    t->sizes());
+  check_float(*t, name, q);
+}
+
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size) {
@@ -57,6 +82,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::option
 
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q) {
   if (!s.has_value()) return;
+  TORCH_CHECK_VALUE(at::isFloatingType(s->scalar_type()), "miras: ", name, " must be floating point, got ",
+                    s->scalar_type());
   TORCH_CHECK(s->dim() == 4 && s->size(0) == pr.N && s->size(1) == pr.H && s->size(2) == pr.Dk &&
                   s->size(3) == pr.Dv,
               "miras: ", name, " must be [N, H, Dk, Dv] = [", pr.N, ", ", pr.H, ", ", pr.Dk, ", ", pr.Dv,
@@ -199,8 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& X0_, const c10::optional<at::Tensor>& P0_,
     const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_, int64_t bias,
     int64_t retention, double p, double eps, double bias_scalar, double ret_scalar, double kl_scale,
-    double q_norm, double eps_q, double scale, int64_t chunk_size, bool save_states) {
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size);
+    double q_norm, double eps_q, double scale, int64_t chunk_size_, bool save_states) {
+  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
+  check_gate_like(bias_param_, "bias_param", q_);
+  check_gate_like(ret_param_, "ret_param", q_);
+  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
   Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
   check_state(X0_, "initial_state.X", pr, q_);
   check_state(P0_, "initial_state.P", pr, q_);
@@ -255,15 +285,31 @@ std::vector<at::Tensor> chunk_bwd_impl(
     const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_,
     const at::Tensor& chunk_X_, const at::Tensor& chunk_P_, int64_t bias, int64_t retention, double p,
     double eps, double bias_scalar, double ret_scalar, double kl_scale, double q_norm, double eps_q,
-    double scale, int64_t chunk_size) {
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size);
+    double scale, int64_t chunk_size_) {
+  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
+  check_gate_like(bias_param_, "bias_param", q_);
+  check_gate_like(ret_param_, "ret_param", q_);
+  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
   Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
+  check_state(X0_, "initial_state.X", pr, q_);
+  check_state(P0_, "initial_state.P", pr, q_);
+  check_state(A0_, "initial_state.anchor", pr, q_);
+  check_state(dXT_, "dXT (the gradient of the final X)", pr, q_);
+  check_state(dPT_, "dPT (the gradient of the final P)", pr, q_);
   const Types ty = types_for(q_);
   const bool mom = momentum_.has_value();
   TORCH_CHECK_VALUE(dO_.sizes() == at::IntArrayRef({pr.B, pr.T, pr.H, pr.Dv}),
-                    "miras: the gradient of o must have o's shape [B, T, H, Dv], got ", dO_.sizes());
-  TORCH_CHECK_VALUE(chunk_X_.dim() == 4 && chunk_X_.size(0) == pr.slots,
-                    "miras: chunk_bwd needs the forward's saved chunk states (save_states=True)");
+                    "miras: dO (the gradient of o) must have o's shape [B, T, H, Dv], got ", dO_.sizes());
+  check_float(dO_, "dO", q_);
+  const std::vector<int64_t> slots_shape{pr.slots, pr.H, pr.Dk, pr.Dv};
+  TORCH_CHECK_VALUE(chunk_X_.sizes() == at::IntArrayRef(slots_shape), "miras: chunk_X must be the forward's saved chunk states ",
+                    slots_shape, " (call chunk_fwd with save_states=True), got ", chunk_X_.sizes());
+  check_float(chunk_X_, "chunk_X", q_);
+  if (mom) {
+    TORCH_CHECK_VALUE(chunk_P_.sizes() == at::IntArrayRef(slots_shape), "miras: chunk_P must be the forward's saved momentum ",
+                      slots_shape, " (call chunk_fwd with save_states=True), got ", chunk_P_.sizes());
+    check_float(chunk_P_, "chunk_P", q_);
+  }
   Inputs in = prepare(ty, q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_, cu_seqlens_);
   // Gradients are computed in the state dtype (float32 on CUDA; the compute dtype on the CPU).
   const auto go = q_.options().dtype(ty.state);

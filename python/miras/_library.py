@@ -20,9 +20,19 @@ def _num_slots(N, T, C, varlen):
     return T // C + N if varlen else N * ((T + C - 1) // C)
 
 
+def _same_device(q, **tensors):
+    """The C++ glue's device check, for the fake kernels (which also serve meta tensors: a call mixing
+    meta and real tensors dispatches here, not to the glue)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"miras: {name} must be on q's device {q.device}, got {t.device}")
+
+
 @torch.library.register_fake("miras::chunk_fwd")
 def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens, bias, retention,
                     p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size, save_states):
+    _same_device(q, k=k, v=v, lr=lr, alpha=alpha, momentum=momentum, bias_param=bias_param, ret_param=ret_param,
+                 X0=X0, P0=P0, A0=A0, cu_seqlens=cu_seqlens)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B
@@ -43,6 +53,8 @@ def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0,
 def _chunk_bwd_fake(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens,
                     chunk_X, chunk_P, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q,
                     scale, chunk_size):
+    _same_device(q, dO=dO, dXT=dXT, dPT=dPT, k=k, v=v, lr=lr, alpha=alpha, momentum=momentum, bias_param=bias_param,
+                 ret_param=ret_param, X0=X0, P0=P0, A0=A0, cu_seqlens=cu_seqlens, chunk_X=chunk_X, chunk_P=chunk_P)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B

@@ -6,6 +6,7 @@ the GPU; autograd and fake kernels in ``_library.py``). The math is SPEC.md.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional, Tuple, Union
 
@@ -21,6 +22,7 @@ from .state import MemoryState
 __all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "BIASES", "RETENTIONS"]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 
 Param = Union[float, Tensor]
 
@@ -97,6 +99,8 @@ def _cu_seqlens(cu, B: int, T: int, q: Tensor, check: bool) -> Tensor:
         _fail(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {list(cu.shape)}")
     if B != 1:
         _fail(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
+    if cu.device != q.device and cu.device.type != "cpu":
+        _fail(f"cu_seqlens is on {cu.device} but q is on {q.device}; pass it on q's device or the CPU")
     cu = cu.to(device=q.device, dtype=torch.int64)
     if check:
         _check_values(cu[:1] == 0, "cu_seqlens must start at 0")
@@ -131,6 +135,12 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
         if momentum is not None:
             _check_gate(momentum, "momentum", 0.0, 1.0, False, True, "[0, 1)")
     bias_code, ret_code = _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
+    if retention == "lq" and q.dtype != torch.float64 and float(eps_q) ** (float(q_norm) - 2.0) < _F32_TINY:
+        # below a zero-ish state the lq map reads W = X / eps_q^(q-2): that scale must be a float32
+        _fail(f"q_norm={q_norm} with eps_q={eps_q} is out of float32 range: eps_q**(q_norm - 2) = "
+              f"{float(eps_q) ** (float(q_norm) - 2.0):.3g} underflows (a zero state would read as NaN); "
+              f"raise eps_q, lower q_norm to <= {2.0 + math.log(_F32_TINY) / math.log(float(eps_q)):.2f}, "
+              f"or use float64 inputs (README: numerical safe ranges)")
     given = {"delta": delta, "robust_delta": robust_delta, "gamma": gamma}
 
     def param(spec, unused):
@@ -427,27 +437,39 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw)
     if bool(((lengths % C == 0) | (lengths < C)).all()):
         return None
     pre = (lengths // C) * C
+    # Call 1 runs over the packed tokens as they are (no copies, so nothing input-sized is saved
+    # twice for backward): each sequence's whole chunks [start, start + pre) are one segment and
+    # its remainder (< C tokens) a second, throwaway segment; call 2 reruns the remainders
+    # (gathered: < C tokens per sequence) from the states at the last boundaries.
+    cu1 = torch.cat([cu[:1], torch.stack([cu[:-1] + pre, cu[1:]], 1).flatten()])
+
+    def each(f, x):  # a state is a tensor or a tuple of them (one per matrix of the memory)
+        if x is None:
+            return None
+        return tuple(f(t) for t in x) if isinstance(x, (tuple, list)) else f(x)
+
+    state1 = None
+    if initial_state is not None:
+        def pad(x):  # the real state at even positions, zeros for the throwaway segments
+            return torch.stack([x, torch.zeros_like(x)], 1).flatten(0, 1)
+
+        state1 = MemoryState(X=each(pad, initial_state.X), P=each(pad, initial_state.P))
+    o1, s1 = memory_update(q, k, v, lr, alpha, momentum, initial_state=state1, output_final_state=True,
+                           cu_seqlens=cu1, **{**kw, **params})
+    X1 = each(lambda t: t[0::2], s1.X)
+    P1 = each(lambda t: t[0::2], s1.P)
     seg = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
     pos = torch.arange(T, device=cu.device) - cu[seg]
-    is_pre = pos < pre[seg]
-    idx_pre, idx_suf = is_pre.nonzero().flatten(), (~is_pre).nonzero().flatten()
-    zero = cu.new_zeros(1)
-    cu_pre = torch.cat([zero, pre.cumsum(0)])
-    cu_suf = torch.cat([zero, (lengths - pre).cumsum(0)])
+    idx_suf = (pos >= pre[seg]).nonzero().flatten()
+    cu_suf = torch.cat([cu.new_zeros(1), (lengths - pre).cumsum(0)])
 
-    def run(idx, cu_part, state):
-        def take(x):
-            return x.index_select(1, idx) if isinstance(x, Tensor) else x
+    def take(x):
+        return x.index_select(1, idx_suf) if isinstance(x, Tensor) else x
 
-        extra = {n: take(val) for n, val in params.items()}
-        return memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum), initial_state=state,
-                             output_final_state=True, cu_seqlens=cu_part, **{**kw, **extra})
-
-    o1, s1 = run(idx_pre, cu_pre, initial_state)
-    o2, s2 = run(idx_suf, cu_suf, s1)
-    o = torch.zeros((q.shape[0], T) + tuple(o1.shape[2:]), dtype=o1.dtype, device=o1.device)
-    o = o.index_copy(1, idx_pre, o1).index_copy(1, idx_suf, o2)
-    return o, MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset)
+    o2, s2 = memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum),
+                           initial_state=MemoryState(X=X1, P=P1), output_final_state=True, cu_seqlens=cu_suf,
+                           **{**kw, **{n: take(val) for n, val in params.items()}})
+    return o1.index_copy(1, idx_suf, o2), MemoryState(X=s2.X, P=s2.P, anchor=X1, offset=s2.offset)
 
 
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
