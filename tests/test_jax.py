@@ -372,3 +372,16 @@ def test_step_errors():
         mj.memory_step(*tok, state=st._replace(offset=jnp.asarray([0, 4])), chunk_size=4, **kw)
     with pytest.raises(ValueError, match="state.P .* but momentum is None"):
         mj.memory_step(*tok[:5], state=st._replace(P=st.X), **kw)
+
+
+def test_huge_chunk_size_equals_one_chunk(seed):
+    """chunk_size far beyond T (even 2**63 - 1) is one chunk over the whole sequence, as in torch."""
+    args, kw = make_inputs(B=2, T=9, H=2, Dk=4, Dv=3, dtype=torch.float64, momentum=True, seed=seed, bias="lp",
+                           retention="l2")
+    a = [J(x) for x in args]
+    o_ref = np.asarray(mj.memory_update(*a, **op_kwargs(kw), chunk_size=16)[0])
+    for C in (2**40, 2**63 - 1):
+        o = np.asarray(mj.memory_update(*a, **op_kwargs(kw), chunk_size=C)[0])
+        np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
+    o_t = miras.memory_update(*args, **op_kwargs(kw), chunk_size=2**63 - 1)[0]
+    np.testing.assert_allclose(o_ref, o_t.numpy(), rtol=1e-10, atol=1e-12)
