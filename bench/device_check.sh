@@ -135,8 +135,9 @@ fi
 # ---- (e) CUDA tests ---------------------------------------------------------------------------------
 TEST_LOG=$OUT/test_bench.log
 : >"$TEST_LOG"
-TESTS=tests/test_cuda.py
-[ -f "$TESTS" ] || TESTS="tests -m cuda"
+# Every CUDA-marked test (test_cuda.py plus the CUDA cases of test_mlp / test_numerics /
+# test_determinism / test_invalid); TESTS=... overrides (e.g. TESTS=tests/test_cuda.py).
+TESTS=${TESTS:-"tests -m cuda"}
 if [ "${SKIP_TESTS:-0}" = 1 ] || dry || [ "$BUILD_OK" != 1 ]; then
   note "tests: skipped (SKIP_TESTS=${SKIP_TESTS:-0}, DRY=$DRY, build_ok=$BUILD_OK): would run pytest -q -x $TESTS"
 else
