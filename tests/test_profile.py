@@ -98,3 +98,21 @@ def test_bench_profile_script_writes_a_trace(tmp_path):
     names = [e.get("name") for e in events]
     assert names.count(fwd) == 2 and names.count(bwd) == 2
     assert "miras.profile.step[0]" in names and "miras.profile.step[1]" in names
+
+
+def test_mlp_memory_ranges_name_the_variant(seed, tmp_path):
+    """memory='mlp' on the CPU: forward and backward ranges named like the linear ones."""
+    from test_mlp import call, mlp_inputs
+
+    args, kw, extra = mlp_inputs(seed, B=2, T=9, H=2, Dk=6, expansion=2, dtype=torch.float32, bias="lp",
+                                 retention="kl")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        o, _ = call(miras.memory_update, args, kw, extra, 4)
+        o.square().sum().backward()
+    names = sorted(e["name"] for e in _trace_events(prof, tmp_path) if e["name"].startswith("miras.mlp_chunk_"))
+    pat = r"miras\.mlp_chunk_{}\[cpu_mlp_scan (avx2|portable) bias=lp ret=kl mom C=4 dk=6 dv=6 f32\]$"
+    # T = 9 is not a multiple of C = 4 and the final state is wanted with gradients: the call splits at
+    # the last chunk boundary (ops.py), so two forward and two backward calls, each in its own range
+    fwd = [n for n in names if re.match(pat.format("fwd"), n)]
+    bwd = [n for n in names if re.match(pat.format("bwd"), n)]
+    assert len(fwd) == len(bwd) == 2 and len(names) == 4, names

@@ -18,6 +18,8 @@ const char* chunk_bwd_cpu_variant(const ChunkBwdParams& p);
 // MLP memory (csrc/cpu/mlp_cpu.cpp): the same scheme for M(x) = x + LN(GELU(x W1) W2).
 void mlp_fwd_cpu(const MlpFwdParams& p);
 void mlp_bwd_cpu(const MlpBwdParams& p);
+// The CPU implementation the MLP calls run: "cpu_mlp_scan avx2" or "cpu_mlp_scan portable".
+const char* mlp_cpu_variant();
 
 // CUDA (csrc/cuda): `stream` is a cudaStream_t. The caller allocates `workspace` of at least the
 // queried size (bytes, 256-byte aligned) on the same device; it may be clobbered.

@@ -48,6 +48,8 @@ static void validate_mlp(const MlpFwdParams& p, const char* fn) {
 
 }  // namespace cpu
 
+const char* mlp_cpu_variant() { return cpu::use_avx2() ? "cpu_mlp_scan avx2" : "cpu_mlp_scan portable"; }
+
 void mlp_fwd_cpu(const MlpFwdParams& p) {
   cpu::validate_mlp(p, "mlp_fwd_cpu");
   if (p.chunk.N == 0) return;

@@ -2,12 +2,14 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "../core/backends.h"
+#include "../core/names.h"
 #include "../core/params.h"
 #include "../core/problem.h"
 
@@ -67,6 +69,21 @@ void run_guarded(F&& f) {
     TORCH_CHECK(false, e.what());
   }
 }
+
+// A torch.profiler range around a CPU backend call, named like the CUDA backend's NVTX ranges
+// (core/names.h), e.g. "miras.chunk_bwd[cpu_l2_dual avx512 bias=lp ret=l2 mom C=64 dk=64 dv=64 f32]"
+// or "miras.mlp_chunk_fwd[cpu_mlp_scan avx2 bias=l2 ret=kl C=16 dk=16 dv=16 f32]".
+// Costs one thread-local check when no profiler is running: the name is built only when one is.
+struct CpuRange {
+  template <typename Family>
+  CpuRange(const char* op, const ChunkFwdParams& fwd, Family family) : guard(at::RecordScope::USER_SCOPE) {
+    if (!guard.isActive()) return;
+    char buf[256];
+    format_variant(buf, sizeof(buf), op, family(), fwd);
+    guard.before(std::string_view(buf), c10::ArrayRef<const c10::IValue>{});
+  }
+  at::RecordFunction guard;
+};
 
 }  // namespace torch_glue
 }  // namespace miras

@@ -178,20 +178,6 @@ void fill(ChunkFwdParams& prm, const Problem& pr, const Types& ty, const Inputs&
 
 namespace {
 
-// A torch.profiler range around a CPU backend call, named like the CUDA backend's NVTX ranges
-// (core/names.h), e.g. "miras.chunk_bwd[cpu_l2_dual avx512 bias=lp ret=l2 mom C=64 dk=64 dv=64 f32]".
-// Costs one thread-local check when no profiler is running: the name is built only when one is.
-struct CpuRange {
-  template <typename Family>
-  CpuRange(const char* op, const ChunkFwdParams& fwd, Family family) : guard(at::RecordScope::USER_SCOPE) {
-    if (!guard.isActive()) return;
-    char buf[256];
-    format_variant(buf, sizeof(buf), op, family(), fwd);
-    guard.before(std::string_view(buf), c10::ArrayRef<const c10::IValue>{});
-  }
-  at::RecordFunction guard;
-};
-
 void run_fwd(const ChunkFwdParams& prm, const at::Tensor& q) {
   if (q.is_cuda()) {
 #ifdef MIRAS_WITH_CUDA

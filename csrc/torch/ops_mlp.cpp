@@ -132,6 +132,7 @@ Fwd9 mlp_chunk_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
     AT2.copy_(m.A2.has_value() ? *m.A2 : XT2);
     return {o, XT1, XT2, PT1, PT2, AT1, AT2, cX, cP};
   }
+  CpuRange range("mlp_chunk_fwd", prm.chunk, [] { return mlp_cpu_variant(); });
   run_guarded([&] { mlp_fwd_cpu(prm); });
   return {o.to(q.scalar_type()), XT1, XT2, PT1, PT2, AT1, AT2, cX, cP};
 }
@@ -227,6 +228,7 @@ std::vector<at::Tensor> mlp_chunk_bwd_impl(
     if (m.lnw.has_value()) dlnw.zero_();
     if (m.lnb.has_value()) dlnb.zero_();
   } else {
+    CpuRange range("mlp_chunk_bwd", b.fwd.chunk, [] { return mlp_cpu_variant(); });
     run_guarded([&] { mlp_bwd_cpu(b); });
   }
   auto cast = [](const at::Tensor& g, const c10::optional<at::Tensor>& ref) {
