@@ -1151,6 +1151,13 @@ void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, i
   if (cx.A0 && out.dA0 && !a0_written) std::fill(out.dA0 + off, out.dA0 + off + DkDv, T(0));
 }
 
+// Threads only for calls with enough work: a decoding step or a tiny call is faster on the calling
+// thread than a parallel region's fork/join (and, on a busy machine, than waiting for a second core).
+inline bool worth_threads(const ChunkFwdParams& f, int64_t ntask, int64_t Sz) {
+  const int64_t tokens = f.cu_seqlens ? f.T : f.N * f.T;
+  return ntask > 1 && tokens * f.H * Sz >= (int64_t(1) << 16);
+}
+
 struct FwdRunner {
   const ChunkFwdParams& p;
   template <typename T, int RET, bool MOM>
@@ -1165,8 +1172,9 @@ struct FwdRunner {
     T* PT = static_cast<T*>(p.PT);
     T* AT = static_cast<T*>(p.AT);
     const int64_t ntask = p.N * H;
+    const bool par = worth_threads(p, ntask, p.Dk * p.Dv);
 #ifdef _OPENMP
-#pragma omp parallel
+#pragma omp parallel if (par)
 #endif
     {
       Work<T> w;
@@ -1230,8 +1238,9 @@ struct BwdRunner {
     out.dP0 = static_cast<T*>(p.dP0);
     out.dA0 = static_cast<T*>(p.dA0);
     const int64_t ntask = f.N * H;
+    const bool par = worth_threads(f, ntask, Dk * Dv);
 #ifdef _OPENMP
-#pragma omp parallel
+#pragma omp parallel if (par)
 #endif
     {
       Work<T> w;

@@ -577,13 +577,7 @@ void mlp_bwd_seq(const Ctx<T>& cx, const MCtx<T>& mc, Work<T>& w, MWork<T>& mw, 
 }
 
 // ---- runners -----------------------------------------------------------------------------------------
-// Threads only for calls with enough work: a decoding step or a tiny call is faster on the calling
-// thread than a parallel region's fork/join (and, on a busy machine, than waiting for a second core).
-inline bool worth_threads(const ChunkFwdParams& f, int64_t ntask, int64_t Sz) {
-  const int64_t tokens = f.cu_seqlens ? f.T : f.N * f.T;
-  return ntask > 1 && tokens * f.H * Sz >= (int64_t(1) << 16);
-}
-
+// (worth_threads: chunk_kernels.h)
 struct MlpFwdRunner {
   const MlpFwdParams& p;
   template <typename T, int RET, bool MOM>
