@@ -24,7 +24,11 @@ Memory state at the start of every sequence:
   an MLP memory has no useful zero state). They are stored as *raw* states of the chosen
   retention (weights for ``l2``/``elastic_net``, logits for ``kl``, the accumulator for ``lq``)
   and initialised so that the read weights ``φ(X)`` have a fan-in scale (``W1`` entries ~ 1, as
-  the keys are unit vectors; ``W2`` ~ ``Dh^-1/2``). Not "tiny": the memory's LayerNorm divides
+  the keys are unit vectors; ``W2`` ~ ``Dh^-1/2``) where the map allows it: exactly for ``l2``,
+  ``elastic_net`` and ``lq`` (for ``q = 4`` the accumulator is then small, ``A = W/‖W‖_q²``, and
+  ``φ`` amplifies steps on ``W1``'s accumulator ~``‖W1‖_q²``-fold); for ``kl`` the read weights are
+  ``c·softmax`` columns (entries ~ ``c/Dk`` and ``c/Dh``, all positive) from unit-spread logits. Not
+  "tiny" for ``l2``: the memory's LayerNorm divides
   its inner gradient by the spread of ``u = GELU(k W1) W2``, so near-zero weights would make the
   first inner steps explode. The LayerNorm affine ``ln_weight, ln_bias [H, Dv]`` is learnable.
 - ``memory="linear"``: zeros (for ``kl`` retention: a uniform memory), i.e. ``initial_state=None``,
