@@ -3,21 +3,7 @@
 // them only when the CPU reports avx2 and fma. Everything shared (std, core headers) is included
 // before the pragma so that only this file's own namespace (cpu::avx2) carries AVX2 code.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "../core/backends.h"
-#include "../core/retention.h"
+#include "isa_prelude.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")

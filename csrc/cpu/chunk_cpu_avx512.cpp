@@ -5,21 +5,7 @@
 // "portable" or "avx2". Only the l2 instantiations are made here (templates are instantiated on
 // use), so this file adds little to the build.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "../core/backends.h"
-#include "../core/retention.h"
+#include "isa_prelude.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")

@@ -1,22 +1,7 @@
 // miras/cpu/mlp_cpu_avx2.cpp — the MLP memory's loops (mlp_kernels.h) compiled for AVX2+FMA through
 // `#pragma GCC target`, like chunk_cpu_avx2.cpp; mlp_cpu.cpp calls them when the CPU has avx2/fma.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-#include <stdexcept>
-#include <string>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-#include "../core/backends.h"
-#include "../core/mlp.h"
-#include "../core/retention.h"
+#include "isa_prelude.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
