@@ -1158,6 +1158,12 @@ inline bool worth_threads(const ChunkFwdParams& f, int64_t ntask, int64_t Sz) {
   return ntask > 1 && tokens * f.H * Sz >= (int64_t(1) << 16);
 }
 
+// Offset of sequence n, head h's first saved chunk-start state in chunk_X / chunk_P (layout
+// [slot, H, Sz], params.h), for states of Sz elements (linear: Dk*Dv; MLP: both matrices).
+inline int64_t saved_offset(const ChunkFwdParams& f, int64_t n, int64_t h, int64_t C, int64_t Sz) {
+  return (chunk_base(f.cu_seqlens, n, f.T, C) * f.H + h) * Sz;
+}
+
 struct FwdRunner {
   const ChunkFwdParams& p;
   template <typename T, int RET, bool MOM>
@@ -1187,9 +1193,9 @@ struct FwdRunner {
         T* sx = nullptr;
         T* sp = nullptr;
         if (chunk_X || chunk_P) {
-          const int64_t base = chunk_base(p.cu_seqlens, n, p.T, cx.cf.C);
-          if (chunk_X) sx = chunk_X + (base * H + h) * DkDv;
-          if (chunk_P) sp = chunk_P + (base * H + h) * DkDv;
+          const int64_t off = saved_offset(p, n, h, cx.cf.C, DkDv);
+          if (chunk_X) sx = chunk_X + off;
+          if (chunk_P) sp = chunk_P + off;
         }
         fwd_seq<T, RET, MOM>(cx, w, n, h, sx, sp, H * DkDv, o, XT, PT, AT);
       }
@@ -1256,9 +1262,9 @@ struct BwdRunner {
         const T* sp = nullptr;
         int64_t stride;
         if (have_saved) {
-          const int64_t base = chunk_base(f.cu_seqlens, n, f.T, C);
-          sx = chunk_X + (base * H + h) * DkDv;
-          if (MOM) sp = chunk_P + (base * H + h) * DkDv;
+          const int64_t off = saved_offset(f, n, h, C, DkDv);
+          sx = chunk_X + off;
+          if (MOM) sp = chunk_P + off;
           stride = H * DkDv;
         } else {
           // no saved chunk starts: recompute them with a forward pass of this sequence

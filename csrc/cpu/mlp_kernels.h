@@ -608,9 +608,9 @@ struct MlpFwdRunner {
         T* sx = nullptr;
         T* sp = nullptr;
         if (chunk_X || chunk_P) {
-          const int64_t base = chunk_base(f.cu_seqlens, n, f.T, cx.cf.C);
-          if (chunk_X) sx = chunk_X + (base * H + h) * Sz;
-          if (chunk_P) sp = chunk_P + (base * H + h) * Sz;
+          const int64_t off = saved_offset(f, n, h, cx.cf.C, Sz);
+          if (chunk_X) sx = chunk_X + off;
+          if (chunk_P) sp = chunk_P + off;
         }
         mlp_fwd_seq<T, RET, MOM>(cx, mc, w, mw, n, h, sx, sp, H * Sz, o, static_cast<T*>(f.XT),
                                  static_cast<T*>(p.XT2), static_cast<T*>(f.PT), static_cast<T*>(p.PT2),
@@ -676,9 +676,9 @@ struct MlpBwdRunner {
 #endif
       for (int64_t task = 0; task < ntask; ++task) {
         const int64_t n = task / H, h = task % H;
-        const int64_t base = chunk_base(f.cu_seqlens, n, f.T, C);
-        const T* sx = chunk_X + (base * H + h) * Sz;
-        const T* sp = MOM ? chunk_P + (base * H + h) * Sz : nullptr;
+        const int64_t off = saved_offset(f, n, h, C, Sz);
+        const T* sx = chunk_X + off;
+        const T* sp = MOM ? chunk_P + off : nullptr;
         mlp_bwd_seq<T, RET, MOM>(cx, mc, w, mw, bw, out, n, h, sx, sp, H * Sz);
       }
     }
