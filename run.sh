@@ -37,7 +37,16 @@ setup() {
   if [ -z "${MIRAS_NO_CCACHE:-}" ] && [ -d /usr/lib/ccache ] && command -v ccache >/dev/null; then
     export PATH="/usr/lib/ccache:$PATH" CCACHE_BASEDIR="$PWD" CC=${CC:-gcc} CXX=${CXX:-g++}
   fi
-  "$py" -m pip install -q --no-build-isolation -e . 2>&1 | grep -v -E "^(WARNING: Location|  Running)" || true
+  # A failed build fails this command (and import miras refuses an extension built from other
+  # sources, so a stale _C*.so from an earlier build cannot pass the tests either).
+  local log
+  log=$(mktemp)
+  if ! "$py" -m pip install -q --no-build-isolation -e . > "$log" 2>&1; then
+    grep -v -E "^(WARNING: Location|  Running)" "$log" | tail -n 60 >&2
+    echo "run.sh: the build of miras failed (full log: $log)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   "$py" -c "import miras; print('miras', miras.__version__, 'cuda kernels built:', miras.has_cuda_kernels())"
 }
 

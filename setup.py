@@ -15,11 +15,34 @@ Environment:
                          compiles csrc/cuda a second time; needs the CUDA build)
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import Extension, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_fingerprint():
+    spec = importlib.util.spec_from_file_location("_miras_fingerprint", os.path.join(ROOT, "python", "miras",
+                                                                                      "_fingerprint.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_info_flags():
+    """-D flags with the build's identity: the sources hash (checked by ``import miras``), the CUDA
+    kernel families' fingerprints (csrc/cuda/verification.h) and the CUDA targets. Integers and
+    pp-number tokens only, so that no compiler command line needs quoting."""
+    fp = _load_fingerprint()
+    flags = [f"-DMIRAS_SOURCE_HASH=0x{fp.source_hash(ROOT)}ull"]
+    for name, value in fp.family_fingerprints(ROOT).items():
+        if name != "shared":
+            flags.append(f"-DMIRAS_FP_{name.upper()}=0x{value}ull")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a").replace(";", " ").split()
+    flags.append("-DMIRAS_CUDA_ARCHS=" + "_".join(a.replace("+PTX", "p") for a in archs))
+    return flags
 
 
 def _sources(pattern):
@@ -68,7 +91,8 @@ def _jax_extension(build_cuda, cuda_home, cutlass):
         raise RuntimeError("MIRAS_BUILD_JAX_CUDA=1 needs the CUDA build (nvcc, CUDA_HOME; MIRAS_BUILD_CUDA not 0)")
     sources = _sources("csrc/cpu/*.cpp") + ["csrc/jax/ffi_cpu.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx = CXX_FLAGS + ["-isystem", xla_include, "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    cxx = CXX_FLAGS + _build_info_flags() + ["-isystem", xla_include, "-fvisibility=hidden",
+                                             "-fvisibility-inlines-hidden"]
     kw = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += ["csrc/jax/ffi_cuda.cpp"] + _sources("csrc/cuda/*.cu")
@@ -78,7 +102,8 @@ def _jax_extension(build_cuda, cuda_home, cutlass):
         # particular version (jax brings its own).
         kw.update(library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart_static", "dl", "rt", "pthread"])
     return [Extension("miras._jax_ffi", sources, include_dirs=include_dirs, language="c++",
-                      extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS + ["-Xcompiler", "-fvisibility=hidden"]},
+                      extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS + _build_info_flags() +
+                                          ["-Xcompiler", "-fvisibility=hidden"]},
                       **kw)]
 
 
@@ -92,7 +117,7 @@ def _extensions():
         raise RuntimeError("MIRAS_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found (set CUDA_HOME)")
     build_cuda = have_cuda and flag not in _OFF
 
-    cxx = CXX_FLAGS
+    cxx = CXX_FLAGS + _build_info_flags()
     sources = _sources("csrc/cpu/*.cpp") + [s for s in _sources("csrc/torch/*.cpp") if not s.endswith("_cuda.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
@@ -110,7 +135,7 @@ def _extensions():
     define_macros.append(("MIRAS_WITH_CUDA", None))
     return [
         CUDAExtension("miras._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                      extra_compile_args={"cxx": cxx + ["-DMIRAS_WITH_CUDA"], "nvcc": NVCC_FLAGS},
+                      extra_compile_args={"cxx": cxx + ["-DMIRAS_WITH_CUDA"], "nvcc": NVCC_FLAGS + _build_info_flags()},
                       extra_link_args=["-fopenmp"])
     ] + jax_ext
 

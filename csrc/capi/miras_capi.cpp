@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "capi_cuda.h"
+#include "../cuda/verification.h"
 #endif
 
 namespace {
@@ -310,6 +311,14 @@ Call prepare_chunk(const miras_config* config, const miras_chunk_inputs* in, int
 void cuda_supported(const ChunkFwdParams& p) {
   if (const char* why = cuda_unsupported(p)) fail(MIRAS_ERROR_UNSUPPORTED, why);
 }
+// The C ABI's own kernels (final offsets, the step's anchor move: csrc/capi/capi_cuda.cu) follow the
+// hardware-verification rule of csrc/cuda/verification.h like every other kernel family.
+void capi_kernels_enabled() {
+  const char* why = nullptr;
+  if (!cuda::family_enabled("capi", &why))
+    fail(MIRAS_ERROR_UNSUPPORTED, std::string("the C ABI's CUDA kernels (final offsets, step bookkeeping) are "
+                                              "disabled: ") + why);
+}
 void need_workspace(const miras_exec& ex, size_t bytes) {
   if (ex.workspace_bytes < bytes || (bytes > 0 && !ex.workspace))
     fail(MIRAS_ERROR_WORKSPACE, "the workspace must hold " + std::to_string(bytes) + " bytes, got " +
@@ -336,6 +345,9 @@ void bind_fwd_outputs(Call& c, const miras_fwd_outputs* out) {
     fail(MIRAS_ERROR_NULL_POINTER, "with momentum, chunk_X and chunk_P are saved together (the backward needs "
                                    "both): give both or neither");
   check_tensor(out->final_offset, "final_offset", false, MIRAS_INT64, {{c.pr.N}, "[N]"}, "offsets are int64");
+#ifdef MIRAS_WITH_CUDA
+  if (c.cuda && out->final_offset) capi_kernels_enabled();
+#endif
 }
 
 // The final offset of each sequence: its length mod C.
@@ -560,6 +572,7 @@ void run_step(StepCall& s, const miras_exec& ex) {
   if (B == 0) return;
   if (c.cuda) {
 #ifdef MIRAS_WITH_CUDA
+    capi_kernels_enabled();
     const size_t ws = fwd_workspace(c);
     need_workspace(ex, ws);
     chunk_fwd_cuda(c.p, ex.workspace, ex.stream);

@@ -15,6 +15,10 @@ void chunk_bwd_cpu(const ChunkBwdParams& p);
 // family as core/names.h formats it; profiler ranges of the torch glue use it).
 const char* chunk_fwd_cpu_variant(const ChunkFwdParams& p);
 const char* chunk_bwd_cpu_variant(const ChunkBwdParams& p);
+// The CPU backend's instruction sets: "compiled=portable,avx2,avx512;supported=...;active=...;
+// MIRAS_CPU_ISA=..." (active: avx512 = the retention-l2 backward on AVX-512, AVX2 elsewhere;
+// MIRAS_CPU_ISA=portable|avx2 caps it, read once per process).
+const char* cpu_isa_summary();
 // MLP memory (csrc/cpu/mlp_cpu.cpp): the same scheme for M(x) = x + LN(GELU(x W1) W2).
 void mlp_fwd_cpu(const MlpFwdParams& p);
 void mlp_bwd_cpu(const MlpBwdParams& p);

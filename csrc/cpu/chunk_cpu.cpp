@@ -95,6 +95,28 @@ static bool bwd_dual(const ChunkFwdParams& f) { return f.cfg.retention == kRetL2
 
 }  // namespace cpu
 
+const char* cpu_isa_summary() {
+  static const std::string s = [] {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
+    const char* compiled = "portable,avx2,avx512";
+    __builtin_cpu_init();
+    std::string sup;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) sup += "avx2";
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw"))
+      sup += sup.empty() ? "avx512" : ",avx512";
+#else
+    const char* compiled = "portable";
+    std::string sup;
+#endif
+    const char* active = cpu::use_avx512() ? "avx512" : (cpu::use_avx2() ? "avx2" : "portable");
+    const char* env = std::getenv("MIRAS_CPU_ISA");
+    return std::string("compiled=") + compiled + ";supported=" + (sup.empty() ? "none" : sup) + ";active=" + active +
+           ";MIRAS_CPU_ISA=" + (env ? env : "");
+  }();
+  return s.c_str();
+}
+
 const char* chunk_fwd_cpu_variant(const ChunkFwdParams&) {
   return cpu::fwd_isa() == cpu::Isa::kAvx2 ? "cpu_scan avx2" : "cpu_scan portable";
 }

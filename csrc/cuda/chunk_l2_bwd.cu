@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     miras_chunk_l2_bwd_state(const ChunkBwdParams bp_, const BwdPtrs w, const int use_cluster) {
   constexpr int NV = DV / kBV;
   const ChunkFwdParams& p = bp_.fwd;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MIRAS_DYNAMIC_SMEM(unsigned char, smem, 128);
   const int C = static_cast<int>(p.cfg.chunk_size);
   const BwdStateSmem<DK> L(C);
   constexpr int LK = BwdStateSmem<DK>::LK, LB = BwdStateSmem<DK>::LB, LE = BwdStateSmem<DK>::LE;
@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // 4. dPsi~ = -A^T dO - diag(F_C) K dW_C - diag(Lb_C) K dP_C   (G now holds X, dPsi~)
     block_gemm<T, true, true>(C, kBV, DK, sK, LK, sRW, LB, sX, LE, false);
-    __syncthreads();
+    if (!MIRAS_MUTANT(2)) __syncthreads();  // (mutation 2 of the emulator's mutation test: a skipped barrier)
     for (int idx = threadIdx.x; idx < C * kBV; idx += blockDim.x) {
       const int e = (idx / kBV) * LE + idx % kBV;
       sDPsi[e] = -sFl[idx / kBV] * sX[e];
@@ -452,7 +452,7 @@ template <typename T, int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     miras_chunk_l2_bwd_chunk(const ChunkBwdParams bp_, const BwdPtrs w) {
   const ChunkFwdParams& p = bp_.fwd;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MIRAS_DYNAMIC_SMEM(unsigned char, smem, 128);
   const int C = static_cast<int>(p.cfg.chunk_size);
   const BwdChunkSmem<DK, DV> L(C);
   int64_t n, c;
@@ -617,7 +617,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // B. dq, dk by Dk tiles of kKT columns (rows k0.. of the states).
   float* gdq = static_cast<float*>(bp_.dq);
   float* gdk = static_cast<float*>(bp_.dk);
-  for (int k0 = 0; k0 < DK; k0 += kKT) {
+  // (mutation 3 of the emulator's mutation test: an off-by-one tile loop)
+  for (int k0 = 0; k0 < DK - (MIRAS_MUTANT(3) ? kKT : 0); k0 += kKT) {
     // (a) (F o dS) K and (F o dS)^T Q~ while this tile's state loads are in flight; then the state
     //     tiles -> shared (F and S/DS of region Z are dead: the tiles overlay them)
     if (k0 > 0) issue(k0);
@@ -829,7 +830,7 @@ void launch_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
     const size_t smem = BwdChunkSmem<DK, DV>(C).total;
     auto kern = miras_chunk_l2_bwd_chunk<T, DK, DV>;
     set_smem(kern, smem, "miras_chunk_l2_bwd_chunk");
-    kern<<<dim3(static_cast<unsigned>(slots), static_cast<unsigned>(p.H)), kThreads, smem, stream>>>(b, w);
+    MIRAS_LAUNCH(kern, dim3(static_cast<unsigned>(slots), static_cast<unsigned>(p.H)), kThreads, smem, stream)(b, w);
     check_launch("miras_chunk_l2_bwd_chunk");
   }
 }

@@ -28,6 +28,7 @@
 
 #include "../core/bias.h"
 #include "../core/params.h"
+#include "device.cuh"
 
 namespace miras {
 namespace cuda {
@@ -58,9 +59,11 @@ struct Carve {
   }
 };
 
-// ---- async copies (cp.async on sm_80+, a plain copy in host emulation) --------------------------
+// ---- async copies (cp.async on sm_80+; the emulator's deferred copy under MIRAS_EMU) ---------------
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MIRAS_EMU)
+  ::miras::emu::cp_async(dst, src, 16, __FILE__, __LINE__);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src) : "memory");
 #else
@@ -70,7 +73,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 // Waits for this thread's outstanding cp.async copies; a __syncthreads() must follow before other
 // threads read the data.
 __device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(MIRAS_EMU)
+  ::miras::emu::cp_async_wait_all();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 #endif
 }

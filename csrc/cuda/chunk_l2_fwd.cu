@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     miras_chunk_l2_fwd_state(const ChunkFwdParams p, float* __restrict__ chunkX, float* __restrict__ chunkP,
                              T* __restrict__ psi_ws, const int use_cluster) {
   constexpr int NV = DV / kBV;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MIRAS_DYNAMIC_SMEM(unsigned char, smem, 128);
   const int C = static_cast<int>(p.cfg.chunk_size);
   const FwdStateSmem<DK> L(C);
   constexpr int LK = FwdStateSmem<DK>::LK, LB = FwdStateSmem<DK>::LB, LE = FwdStateSmem<DK>::LE;
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     miras_chunk_l2_fwd_output(const ChunkFwdParams p, const float* __restrict__ chunkX,
                               const float* __restrict__ chunkP, const T* __restrict__ psi_ws) {
   constexpr int NV = DV / kBV;
-  extern __shared__ __align__(128) unsigned char smem[];
+  MIRAS_DYNAMIC_SMEM(unsigned char, smem, 128);
   const int C = static_cast<int>(p.cfg.chunk_size);
   const bool has_mom = p.momentum != nullptr;
   const FwdOutSmem<DK> L(C, has_mom);
@@ -342,7 +342,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   //    Qg = diag(g) Q~ in place of Q, Qf = diag(f) Q~.
   for (int idx = threadIdx.x; idx < C * C; idx += blockDim.x) {
     const int t = idx / C, i = idx % C;
-    sA[t * LA + i] = to_t<T>(-scale * sF[idx] * sS[t * LS + i]);
+    // (mutation 1 of the emulator's mutation test: a wrong sign)
+    sA[t * LA + i] = to_t<T>((MIRAS_MUTANT(1) ? scale : -scale) * sF[idx] * sS[t * LS + i]);
   }
   for (int idx = threadIdx.x; idx < C * DK; idx += blockDim.x) {
     const int t = idx / DK, a = t * LQ + idx % DK;
@@ -434,7 +435,7 @@ void launch_fwd(const ChunkFwdParams& p, void* workspace, cudaStream_t stream) {
     auto kern = miras_chunk_l2_fwd_output<T, DK, DV>;
     set_smem(kern, smem, "miras_chunk_l2_fwd_output");
     if (slots * NV > 0x7fffffffLL) throw std::invalid_argument("miras: too many chunks for one launch");
-    kern<<<dim3(static_cast<unsigned>(slots * NV), static_cast<unsigned>(p.H)), kThreads, smem, stream>>>(p, cx, cp, psi);
+    MIRAS_LAUNCH(kern, dim3(static_cast<unsigned>(slots * NV), static_cast<unsigned>(p.H)), kThreads, smem, stream)(p, cx, cp, psi);
     check_launch("miras_chunk_l2_fwd_output");
   }
 }

@@ -63,7 +63,7 @@ __device__ __forceinline__ void scan_bwd_body(const ChunkBwdParams& b, const Lay
                                               const Consts& k, int S, long long ckX_off,
                                               long long ckP_off, long long sgX_off, long long sgP_off,
                                               float* ws) {
-  extern __shared__ float4 smem4[];
+  MIRAS_DYNAMIC_SMEM(float4, smem4, 16);
   float* smem = reinterpret_cast<float*>(smem4);
   const ChunkFwdParams& p = b.fwd;
   const int Dk = (int)p.Dk;
@@ -359,7 +359,6 @@ inline NamedBwd pick_bwd(int ret, int dtype) {
 
 }  // namespace scan
 
-#ifndef MIRAS_SCAN_EMU  // host-side emulation harness (tests) builds the bodies only
 size_t scan_bwd_workspace(const ChunkBwdParams& b) {
   if (scan_unsupported(b.fwd)) return 0;
   const scan::BwdPlan f = scan::bwd_plan(b);
@@ -387,12 +386,11 @@ void scan_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
       check_launch(kf.name);
   }
   const scan::Consts k = scan::make_consts(p);
-  kf.fn<<<(unsigned)f.blocks, f.lay.NT, f.pl.smem_bytes, stream>>>(b, f.lay, f.pl, k, f.S, f.ckX, f.ckP, f.sgX,
-                                                                     f.sgP, static_cast<float*>(workspace));
+  MIRAS_LAUNCH(kf.fn, (unsigned)f.blocks, f.lay.NT, f.pl.smem_bytes, stream)(b, f.lay, f.pl, k, f.S, f.ckX, f.ckP,
+                                                                          f.sgX, f.sgP, static_cast<float*>(workspace));
   check_launch(kf.name);
 }
 
-#endif  // MIRAS_SCAN_EMU
 
 }  // namespace cuda
 }  // namespace miras

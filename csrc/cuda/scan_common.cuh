@@ -25,6 +25,7 @@
 #include "../core/bias.h"
 #include "../core/params.h"
 #include "../core/retention.h"
+#include "device.cuh"
 #include "kernels.h"
 
 namespace miras {
@@ -94,10 +95,6 @@ inline int small_smem_floats(const Layout& l, int Dk) {
   return (int)((f + 3) / 4 * 4);
 }
 
-#ifdef MIRAS_SCAN_EMU
-extern int emu_smem_limit;
-inline int smem_optin_limit() { return emu_smem_limit; }
-#else
 inline int smem_optin_limit() {
   int dev = 0, v = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -108,7 +105,6 @@ inline int smem_optin_limit() {
   }
   return v;
 }
-#endif
 
 // Place `nmat` resident matrices (in priority order) in shared memory while they fit, the rest in
 // the per-block global workspace; then `extra_floats` more per-block workspace for the kernel.

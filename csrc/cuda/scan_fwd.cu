@@ -39,7 +39,7 @@ inline FwdPlan fwd_plan(const ChunkFwdParams& p) {
 template <int RET, typename Tin>
 __device__ __forceinline__ void scan_fwd_body(const ChunkFwdParams& p, const Layout& lay,
                                               const Place& pl, const Consts& k, float* ws) {
-  extern __shared__ float4 smem4[];
+  MIRAS_DYNAMIC_SMEM(float4, smem4, 16);
   float* smem = reinterpret_cast<float*>(smem4);
   const int Dk = (int)p.Dk;
   const long long Dv = p.Dv, H = p.H;
@@ -163,7 +163,6 @@ inline NamedFwd pick_fwd(int ret, int dtype) {
 
 }  // namespace scan
 
-#ifndef MIRAS_SCAN_EMU  // host-side emulation harness (tests) builds the bodies only
 // ---- public entry points ----------------------------------------------------------------------
 const char* scan_unsupported(const ChunkFwdParams& p) {
   static thread_local char msg[256];
@@ -204,12 +203,11 @@ void scan_fwd(const ChunkFwdParams& p, void* workspace, cudaStream_t stream) {
       check_launch(kf.name);
   }
   const scan::Consts k = scan::make_consts(p);
-  kf.fn<<<(unsigned)f.blocks, f.lay.NT, f.pl.smem_bytes, stream>>>(p, f.lay, f.pl, k,
-                                                                     static_cast<float*>(workspace));
+  MIRAS_LAUNCH(kf.fn, (unsigned)f.blocks, f.lay.NT, f.pl.smem_bytes, stream)(p, f.lay, f.pl, k,
+                                                                          static_cast<float*>(workspace));
   check_launch(kf.name);
 }
 
-#endif  // MIRAS_SCAN_EMU
 
 }  // namespace cuda
 }  // namespace miras

@@ -5,6 +5,7 @@
 // normalisation, output allocation, and a call into csrc/cpu or csrc/cuda through the plain
 // params structs of csrc/core/params.h.
 #include "common.h"
+#include "../cuda/verification.h"
 
 #include <ATen/record_function.h>
 #include <torch/extension.h>
@@ -382,8 +383,55 @@ TORCH_LIBRARY_IMPL(miras, CUDA, m) {
 }
 #endif
 
+#ifndef MIRAS_SOURCE_HASH
+#define MIRAS_SOURCE_HASH 0ull
+#endif
+#define MIRAS_STR2(x) #x
+#define MIRAS_STR(x) MIRAS_STR2(x)
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "miras compiled ops (registered as torch.ops.miras.*)";
+  m.def("build_info", []() {
+    namespace py = pybind11;
+    auto hex = [](uint64_t v) {
+      char b[20];
+      std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
+      return std::string(v ? b : "");
+    };
+    py::dict d;
+    d["source_hash"] = hex(MIRAS_SOURCE_HASH);
+    d["cpu_isa"] = std::string(miras::cpu_isa_summary());
+#ifdef MIRAS_WITH_CUDA
+    d["cuda"] = true;
+#ifdef MIRAS_CUDA_ARCHS
+    d["cuda_archs"] = std::string(MIRAS_STR(MIRAS_CUDA_ARCHS));
+#else
+    d["cuda_archs"] = std::string("");
+#endif
+#else
+    d["cuda"] = false;
+    d["cuda_archs"] = std::string("");
+#endif
+    py::list fams;
+    for (const auto& r : miras::cuda::kHardwareRuns) {
+      py::dict f;
+      f["family"] = std::string(r.family);
+      f["fingerprint"] = hex(r.build_fingerprint);
+      f["verified_fingerprint"] = hex(r.verified_fingerprint);
+      f["device"] = std::string(r.device);
+      f["commit"] = std::string(r.commit);
+      f["date"] = std::string(r.date);
+      f["evidence"] = std::string(r.evidence);
+      f["hardware_verified"] = miras::cuda::hardware_verified(r);
+      const char* why = nullptr;
+      f["enabled"] = miras::cuda::family_enabled(r.family, &why);
+      f["why"] = std::string(why ? why : "");
+      fams.append(f);
+    }
+    d["families"] = fams;
+    return d;
+  }, "The build's identity: sources hash, CPU instruction sets, CUDA targets, kernel families and their "
+     "hardware-verification status (python -m miras info prints it).");
   m.def("has_cuda", []() {
 #ifdef MIRAS_WITH_CUDA
     return true;

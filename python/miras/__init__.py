@@ -8,6 +8,9 @@ Functional ops (SPEC.md): :func:`memory_update` (chunked, training and prefill),
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C
+from ._info import check_sources as _check_sources
+
+_check_sources(_C)  # a stale extension (built from other sources) refuses to load
 from . import interop  # noqa: F401  (miras.interop: the op on NumPy/CuPy/JAX arrays via DLPack)
 from .ops import BIASES, RETENTIONS, memora, memory_step, memory_update, moneta, titans, yaad
 from .state import MemoryState

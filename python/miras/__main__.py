@@ -9,6 +9,8 @@ commands:
   demo    train small Moneta / Yaad / Memora / Titans-style / linear-attention LMs on synthetic
           recall tasks (MQAR, needle in a haystack); prints a table, writes results.json and a plot
           (python -m miras demo --help for its options)
+  info    the build: versions, CPU instruction sets, CUDA targets, the CUDA kernel families and
+          whether each has passed on hardware (MIRAS_CUDA_UNVERIFIED=1 opts into the others)
 """
 
 
@@ -18,6 +20,11 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd == "info":
+        from ._info import info
+
+        print(info())
+        return 0
     if cmd == "demo":
         from .demo import main as demo_main
 

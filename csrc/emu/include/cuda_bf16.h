@@ -1,0 +1,3 @@
+// Emulator stand-in for <cuda_bf16.h> (see miras_emu/half.h).
+#pragma once
+#include "miras_emu/half.h"

@@ -1,0 +1,3 @@
+// Emulator stand-in for <mma.h> (see miras_emu/wmma.h).
+#pragma once
+#include "miras_emu/wmma.h"
