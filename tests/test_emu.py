@@ -124,13 +124,9 @@ def selftest(emu_lib, tmp_path_factory):
 
 
 def _explain(res):
-    lines = [res.get("msg", "")]
-    for name, e in res.get("errs", {}).items():
-        if e.get("err") is None:
-            lines.append(f"  {name}: {e.get('why')}")
-        elif e["err"] > e["tol"]:
-            lines.append(f"  {name}: error {e['err']:.3e} > tolerance {e['tol']:.3e} (float32 reference's {e['pt']:.3e})")
-    return "\n".join(lines)
+    from lowprec import explain
+
+    return (res.get("msg", "") + "\n" + explain(res.get("errs", {}))).strip()
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES])

@@ -743,23 +743,32 @@ void fault(const char* fmt, ...) {
 
 int mutation() { return cfg().mutation; }
 
+namespace {
+// Arrival at a block or cluster barrier: the last of `live` threads releases the waiters (and goes
+// on); the others wait in state `wait`.
+template <class Release>
+void arrive(Fiber* f, int* arrived, int live, const char** bfile, int* bline, St wait, const char* file, int line,
+            Release release) {
+  if (*arrived == 0) {
+    *bfile = file;
+    *bline = line;
+  }
+  f->wfile = file;
+  f->wline = line;
+  if (++*arrived == live) {
+    release();
+    return;
+  }
+  f->st = wait;
+  switch_to_scheduler(f, false);
+}
+}  // namespace
+
 void block_barrier(const char* file, int line) {
   Fiber* f = cur_fiber();
   if (!f) outside_kernel("__syncthreads");
   Block* b = f->block;
-  if (b->arrived == 0) {
-    b->file = file;
-    b->line = line;
-  }
-  f->wfile = file;
-  f->wline = line;
-  b->arrived++;
-  if (b->arrived == b->live) {
-    release_block(b);
-    return;
-  }
-  f->st = St::kWaitBlock;
-  switch_to_scheduler(f, false);
+  arrive(f, &b->arrived, b->live, &b->file, &b->line, St::kWaitBlock, file, line, [b] { release_block(b); });
 }
 
 int block_barrier_count(int pred, int op, const char* file, int line) {
@@ -870,19 +879,8 @@ void cluster_barrier(const char* file, int line) {
   Fiber* f = cur_fiber();
   if (!f) outside_kernel("cluster.sync");
   Unit* u = f->block->unit;
-  if (u->cl_arrived == 0) {
-    u->cl_file = file;
-    u->cl_line = line;
-  }
-  f->wfile = file;
-  f->wline = line;
-  u->cl_arrived++;
-  if (u->cl_arrived == u->cl_live) {
-    release_cluster(u);
-    return;
-  }
-  f->st = St::kWaitCluster;
-  switch_to_scheduler(f, false);
+  arrive(f, &u->cl_arrived, u->cl_live, &u->cl_file, &u->cl_line, St::kWaitCluster, file, line,
+         [u] { release_cluster(u); });
 }
 
 unsigned char* dynamic_smem(size_t align, const char* file, int line) {

@@ -103,6 +103,23 @@ __global__ void fault_ok(float* out) {
 
 using namespace miras_emu_faults;
 
+// A 1-D cluster launch of `blocks` blocks of 32 threads in clusters of `cluster`.
+template <typename... P, typename... A>
+static cudaError_t cluster_launch(unsigned blocks, unsigned cluster, size_t smem, void (*k)(P...), A... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(32);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, k, args...);
+}
+
 extern "C" __attribute__((visibility("default"))) int miras_emu_fault_case(int id, float* out) {
   static float in[64 + 16];
   for (int i = 0; i < 80; ++i) in[i] = static_cast<float>(i);
@@ -124,21 +141,8 @@ extern "C" __attribute__((visibility("default"))) int miras_emu_fault_case(int i
     case 4: MIRAS_LAUNCH(fault_cp_async_no_wait, 1, 32, 32 * sizeof(float), nullptr)(in, out); break;
     case 5: MIRAS_LAUNCH(fault_race, 1, 64, 64 * sizeof(float), nullptr)(out); break;
     case 6: MIRAS_LAUNCH(fault_divergent, 1, 32, 0, nullptr)(out); break;
-    case 7:
-    case 8: {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(2);
-      cfg.blockDim = dim3(32);
-      cfg.dynamicSmemBytes = 32 * sizeof(float);
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 2;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      return id == 7 ? cudaLaunchKernelEx(&cfg, fault_dsmem_rank, out) : cudaLaunchKernelEx(&cfg, fault_dsmem_after_exit, out);
-    }
+    case 7: return cluster_launch(2, 2, 32 * sizeof(float), fault_dsmem_rank, out);
+    case 8: return cluster_launch(2, 2, 32 * sizeof(float), fault_dsmem_after_exit, out);
     case 9: MIRAS_LAUNCH(fault_misaligned, 1, 32, 0, nullptr)(in, out); break;
     case 10: MIRAS_LAUNCH(fault_wmma_align, 1, 32, 0, nullptr)(hin, out); break;
     // launch limits (refused before anything runs, as on a device)
@@ -151,19 +155,7 @@ extern "C" __attribute__((visibility("default"))) int miras_emu_fault_case(int i
       MIRAS_LAUNCH(fault_ok, 1, 32, 240 * 1024, nullptr)(out);
       break;
     }
-    case 24: {                                                                    // cluster of 16 (portable limit 8)
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(16);
-      cfg.blockDim = dim3(32);
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 16;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      return cudaLaunchKernelEx(&cfg, fault_ok, out);
-    }
+    case 24: return cluster_launch(16, 16, 0, fault_ok, out);                    // cluster of 16 (portable limit 8)
     case 25: {                                                                    // 100 KB after opting in: fine
       cudaFuncSetAttribute(fault_ok, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024);
       MIRAS_LAUNCH(fault_ok, 2, 32, 100 * 1024, nullptr)(out);

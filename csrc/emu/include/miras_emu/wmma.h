@@ -116,15 +116,20 @@ inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, co
   detail::load_ab<::miras::emu::kUseB, false>(f, p, ldm, file, line);
 }
 
+namespace detail {
+// Offset of this lane's accumulator element e in a 16 x 16 float matrix with leading dimension ldm.
+inline size_t acc_offset(int lane, int e, unsigned ldm, layout_t layout) {
+  int r, c;
+  ::miras::emu::frag_pos(::miras::emu::kUseAcc, lane, e, &r, &c);
+  return layout == mem_row_major ? static_cast<size_t>(r) * ldm + c : static_cast<size_t>(c) * ldm + r;
+}
+}  // namespace detail
+
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float, void>& f, const float* p, unsigned ldm,
                              layout_t layout, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::miras::emu::check_wmma_ptr(p, ldm, 4, "wmma::load_matrix_sync (accumulator)");
   const int lane = ::miras::emu::lane_id();
-  for (int e = 0; e < 8; ++e) {
-    int r, c;
-    ::miras::emu::frag_pos(::miras::emu::kUseAcc, lane, e, &r, &c);
-    f.x[e] = layout == mem_row_major ? p[static_cast<size_t>(r) * ldm + c] : p[static_cast<size_t>(c) * ldm + r];
-  }
+  for (int e = 0; e < 8; ++e) f.x[e] = p[detail::acc_offset(lane, e, ldm, layout)];
   ::miras::emu::warp_barrier(0xffffffffu, "wmma::load_matrix_sync", file, line);
 }
 
@@ -133,12 +138,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
   ::miras::emu::check_wmma_ptr(p, ldm, 4, "wmma::store_matrix_sync");
   ::miras::emu::warp_barrier(0xffffffffu, "wmma::store_matrix_sync", file, line);
   const int lane = ::miras::emu::lane_id();
-  for (int e = 0; e < 8; ++e) {
-    int r, c;
-    ::miras::emu::frag_pos(::miras::emu::kUseAcc, lane, e, &r, &c);
-    float* d = layout == mem_row_major ? p + static_cast<size_t>(r) * ldm + c : p + static_cast<size_t>(c) * ldm + r;
-    *d = f.x[e];
-  }
+  for (int e = 0; e < 8; ++e) p[detail::acc_offset(lane, e, ldm, layout)] = f.x[e];
 }
 
 template <typename T, typename LA, typename LB>
