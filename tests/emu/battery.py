@@ -98,7 +98,7 @@ def run_update(emu, case: Case):
             return False, {n: {"why": "no gradient returned"}}, {}
         named.append(("d" + n, gr[n], g_t[n], g_p[n]))
     ok, errs = compare(case, named, case.dtype != "f32")
-    if off is not None and not torch.equal(off, s_t.offset.cpu().long()):
+    if off is not None and not torch.equal(off.cpu(), s_t.offset.cpu().long()):
         ok = False
         errs["offset"] = {"why": f"offsets {off.tolist()} != {s_t.offset.tolist()}"}
     outs = {"o": o, "XT": XT, "AT": AT, **{"d" + n: v for n, v in gr.items()}}
@@ -135,7 +135,7 @@ def run_step(emu, case: Case):
     if case.momentum:
         named.append(("P", state["P"], s_t.P, s_p.P))
     ok, errs = compare(case, named, case.dtype != "f32")
-    if not torch.equal(state["offset"], s_t.offset.cpu().long()):
+    if not torch.equal(state["offset"].cpu(), s_t.offset.cpu().long()):
         ok = False
         errs["offset"] = {"why": f"offsets {state['offset'].tolist()} != {s_t.offset.tolist()}"}
     return ok, errs, {"o": o}

@@ -5,6 +5,8 @@ csrc/emu) and runs ``miras_chunk_fwd`` / ``miras_chunk_bwd`` / ``miras_step`` wi
 ``MIRAS_DEVICE_CUDA``: the same entry points (``chunk_*_cuda`` in core/backends.h, the launchers
 in csrc/cuda, the C ABI's own kernels) a GPU build runs. "Device" memory is host memory: torch
 CPU tensors, and workspaces from the emulator's ``cudaMalloc`` (filled with NaN bytes).
+``Emu(path, emulator=False)`` drives a real CUDA build of ``libmiras`` the same way (torch CUDA
+tensors, workspaces from torch's allocator, the current stream): tests/test_cuda_capi.py.
 """
 from __future__ import annotations
 
@@ -72,10 +74,16 @@ class MirasError(RuntimeError):
 
 
 class Emu:
-    def __init__(self, path: str):
+    def __init__(self, path: str, emulator: bool = True):
         self.lib = L = C.CDLL(path)
-        assert L.miras_emu_is_emulator() == 1
+        self.emulator = emulator
         L.miras_last_error.restype = C.c_char_p
+        L.miras_num_chunk_slots.restype = C.c_int64
+        L.miras_num_chunk_slots.argtypes = [C.c_int64, C.c_int64, C.c_int64, C.c_int32]
+        self.has_asan = False
+        if not emulator:
+            return
+        assert L.miras_emu_is_emulator() == 1
         L.miras_emu_last_fault.restype = C.c_char_p
         L.miras_emu_malloc.restype = C.c_void_p
         L.miras_emu_malloc.argtypes = [C.c_size_t]
@@ -85,8 +93,6 @@ class Emu:
         L.miras_emu_kernel_stats.argtypes = [C.c_char_p, C.c_size_t]
         L.miras_emu_nvtx_log.restype = C.c_size_t
         L.miras_emu_nvtx_log.argtypes = [C.c_char_p, C.c_size_t]
-        L.miras_num_chunk_slots.restype = C.c_int64
-        L.miras_num_chunk_slots.argtypes = [C.c_int64, C.c_int64, C.c_int64, C.c_int32]
         L.miras_emu_f32_to_f16.restype = C.c_ushort
         L.miras_emu_f32_to_f16.argtypes = [C.c_float]
         L.miras_emu_f32_to_bf16.restype = C.c_ushort
@@ -128,11 +134,16 @@ class Emu:
     def _exec(self, query, *args):
         n = C.c_size_t(0)
         self._check(query(*args, DEVICE_CUDA, C.byref(n)))
-        ws = self.lib.miras_emu_malloc(max(n.value, 1)) if n.value else None
-        return Exec(DEVICE_CUDA, None, ws, n.value), ws
+        if self.emulator:
+            ws = self.lib.miras_emu_malloc(max(n.value, 1)) if n.value else None
+            return Exec(DEVICE_CUDA, None, ws, n.value), ws
+        buf = torch.empty(max(n.value, 1), dtype=torch.uint8, device="cuda")
+        return Exec(DEVICE_CUDA, torch.cuda.current_stream().cuda_stream, buf.data_ptr(), n.value), buf
 
     def _free(self, ws):
-        if ws:
+        if not self.emulator:
+            torch.cuda.synchronize()  # the workspace (a torch tensor) lives until the stream is done
+        elif ws:
             self.lib.miras_emu_free(ws)
 
     def chunk_fwd(self, cfg, inp, out):
@@ -167,7 +178,7 @@ class Arena:
     def t(self, x: Optional[torch.Tensor]):
         if x is None:
             return None
-        assert x.is_contiguous() and x.device.type == "cpu", "C ABI tensors are dense host tensors here"
+        assert x.is_contiguous(), "C ABI tensors are dense (row-major) here"
         assert x.dim() <= 4
         d = Tensor()
         d.data = x.data_ptr() if x.numel() else None
@@ -180,11 +191,11 @@ class Arena:
         return C.pointer(d)
 
 
-def poisoned(shape, dtype):
+def poisoned(shape, dtype, device="cpu"):
     """An output buffer filled with NaN (int64: a sentinel): every element must be written."""
     if dtype == torch.int64:
-        return torch.full(shape, -7777, dtype=dtype)
-    return torch.full(shape, math.nan, dtype=dtype)
+        return torch.full(shape, -7777, dtype=dtype, device=device)
+    return torch.full(shape, math.nan, dtype=dtype, device=device)
 
 
 def make_config(emu: Emu, *, bias, huber_mode, retention, Dk, chunk_size, p=3.0, eps=1e-6, delta=1.0, robust_delta=0.0,

@@ -15,6 +15,9 @@ import torch
 from cabi import Arena, BwdInputs, BwdOutputs, ChunkInputs, FwdOutputs, StepArgs, make_config, poisoned
 
 F32 = torch.float32
+# Where the "device" buffers live: host memory for the emulator; "cuda" for a real CUDA libmiras
+# (tests/test_cuda_capi.py).
+DEVICE = "cpu"
 
 
 def _c(t, dtype=None):
@@ -23,7 +26,11 @@ def _c(t, dtype=None):
     t = t.detach()
     if dtype is not None:
         t = t.to(dtype)
-    return t.contiguous().cpu()
+    return t.to(DEVICE).contiguous()
+
+
+def _p(shape, dtype):
+    return poisoned(shape, dtype, DEVICE)
 
 
 def _params(kw):
@@ -66,12 +73,12 @@ def update(emu, args, kw, C, cot=None, cu_seqlens: Optional[torch.Tensor] = None
     inp = ChunkInputs(a.t(t["q"]), a.t(t["k"]), a.t(t["v"]), a.t(g["lr"]), a.t(g["alpha"]), a.t(g["momentum"]),
                       a.t(g["bp"]), a.t(g["rp"]), a.t(cu), a.t(g["X0"]), a.t(g["P0"]))
     st = (N, H, Dk, Dv)
-    o = poisoned((B, T, H, Dv), io)
-    XT, AT = poisoned(st, F32), poisoned(st, F32)
-    PT = poisoned(st, F32) if mom is not None else None
-    off = poisoned((N,), torch.int64) if offsets else None
-    cX = poisoned((slots, H, Dk, Dv), F32)
-    cP = poisoned((slots, H, Dk, Dv), F32) if mom is not None else None
+    o = _p((B, T, H, Dv), io)
+    XT, AT = _p(st, F32), _p(st, F32)
+    PT = _p(st, F32) if mom is not None else None
+    off = _p((N,), torch.int64) if offsets else None
+    cX = _p((slots, H, Dk, Dv), F32)
+    cP = _p((slots, H, Dk, Dv), F32) if mom is not None else None
     out = FwdOutputs(a.t(o), a.t(XT), a.t(PT), a.t(AT), a.t(off), a.t(cX), a.t(cP))
     emu.chunk_fwd(cfg, inp, out)
     grads = {}
@@ -81,12 +88,12 @@ def update(emu, args, kw, C, cot=None, cu_seqlens: Optional[torch.Tensor] = None
         dXT = _c(cot.get("X"), F32)
         dPT = _c(cot.get("P"), F32) if mom is not None else None
         bin_ = BwdInputs(a.t(cX), a.t(cP), a.t(dO), a.t(dXT), a.t(dPT))
-        G = {"q": poisoned(tuple(q.shape), F32), "k": poisoned(tuple(k.shape), F32), "v": poisoned(tuple(v.shape), F32),
-             "lr": poisoned(tuple(lr.shape), F32), "alpha": poisoned(tuple(alpha.shape), F32),
-             "momentum": poisoned(tuple(lr.shape), F32) if mom is not None else None,
-             "bp": poisoned(tuple(lr.shape), F32) if bp is not None else None,
-             "rp": poisoned(tuple(lr.shape), F32) if rp is not None else None,
-             "X0": poisoned(st, F32), "P0": poisoned(st, F32) if mom is not None else None}
+        G = {"q": _p(tuple(q.shape), F32), "k": _p(tuple(k.shape), F32), "v": _p(tuple(v.shape), F32),
+             "lr": _p(tuple(lr.shape), F32), "alpha": _p(tuple(alpha.shape), F32),
+             "momentum": _p(tuple(lr.shape), F32) if mom is not None else None,
+             "bp": _p(tuple(lr.shape), F32) if bp is not None else None,
+             "rp": _p(tuple(lr.shape), F32) if rp is not None else None,
+             "X0": _p(st, F32), "P0": _p(st, F32) if mom is not None else None}
         go = BwdOutputs(a.t(G["q"]), a.t(G["k"]), a.t(G["v"]), a.t(G["lr"]), a.t(G["alpha"]), a.t(G["momentum"]),
                         a.t(G["bp"]), a.t(G["rp"]), a.t(G["X0"]), a.t(G["P0"]))
         emu.chunk_bwd(cfg, inp, bin_, go)
@@ -107,13 +114,13 @@ def step(emu, tok, kw, C, state):
     cfg = config_for(emu, kw, Dk, C)
     a = Arena()
     st = (B, H, Dk, Dv)
-    o = poisoned((B, H, Dv), q.dtype)
-    Xo = poisoned(st, F32)
-    Po = poisoned(st, F32) if mom is not None else None
-    Ao = poisoned(st, F32)
-    offo = poisoned((B,), torch.int64)
+    o = _p((B, H, Dv), q.dtype)
+    Xo = _p(st, F32)
+    Po = _p(st, F32) if mom is not None else None
+    Ao = _p(st, F32)
+    offo = _p((B,), torch.int64)
     args = StepArgs(a.t(_c(q)), a.t(_c(k)), a.t(_c(v)), a.t(_c(lr, F32)), a.t(_c(alpha, F32)), a.t(_c(mom, F32)),
-                    a.t(_c(bp, F32)), a.t(_c(rp, F32)), a.t(state["X"]), a.t(state.get("P")), a.t(state["anchor"]),
-                    a.t(state["offset"]), a.t(o), a.t(Xo), a.t(Po), a.t(Ao), a.t(offo))
+                    a.t(_c(bp, F32)), a.t(_c(rp, F32)), a.t(_c(state["X"])), a.t(_c(state.get("P"))), a.t(_c(state["anchor"])),
+                    a.t(_c(state["offset"])), a.t(o), a.t(Xo), a.t(Po), a.t(Ao), a.t(offo))
     emu.step(cfg, args)
     return o, {"X": Xo, "P": Po, "anchor": Ao, "offset": offo}
