@@ -42,6 +42,11 @@ def _maxerr(a, b):
     return float((a - b).detach().abs().max())
 
 
+def _relmax(a, b):
+    """max |a - b| relative to the scale max |b| of the values."""
+    return _maxerr(a, b) / max(float(b.detach().abs().max()), 1e-300)
+
+
 # ---- presets are the paper's points of the design space ----------------------------------------
 def test_presets_configuration():
     cases = {
@@ -134,7 +139,8 @@ def test_decoding_with_cache_equals_full_forward(name):
     assert _maxerr(torch.cat([y1, y2, y3], 1), y_full) < 1e-10
     for c in (cache, c3):
         assert int(c.memory.offset[0]) == T % 3
-        assert _maxerr(c.conv, c_full.conv) == 0
+        # conv caches q/k/v projections: torch's BLAS (nn.Linear) runs [2, 1|3|4, 16] vs [2, 8, 16]: not bitwise
+        assert _relmax(c.conv, c_full.conv) < 1e-12
         Xa = c.memory.X if isinstance(c.memory.X, tuple) else (c.memory.X,)
         Xb = c_full.memory.X if isinstance(c_full.memory.X, tuple) else (c_full.memory.X,)
         for a, b in zip(Xa, Xb):
