@@ -14,14 +14,21 @@ multiplies the step by up to 1/(1 − β), and non-quadratic biases have their o
 (p − 1)|e|^{p−2}). ``lr_high`` scales lr down by these factors (documented, not hidden: the
 gates' *edges* are still drawn exactly; only lr's magnitude adapts). Large learning rates and
 residuals are the subject of tests/test_numerics.py.
+
+:func:`branch_decisions` records (and can force) the float64 reference's branch decisions — Huber
+clamps and the elastic-net threshold — for the tie fallback of tests/test_fuzz.py and the
+gradient checks of tests/test_numerics.py.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as Fn
+from miras import reference as R
 from miras.state import MemoryState
 
 BIAS_MODES = [("dot", "yaad"), ("l2", "yaad"), ("lp", "yaad"), ("huber", "yaad"), ("huber", "coord"),
@@ -207,3 +214,147 @@ def _cumsum(xs):
     for x in xs:
         s += x
         yield s
+
+
+# ---------------------------------------------------------------------------------------------
+# Branch decisions of the float64 reference: record, find near-ties, force the other branch
+# ---------------------------------------------------------------------------------------------
+# A decision compares a value with a threshold: Huber "coord" |e_i| vs δ (per element), "yaad" /
+# "norm" ‖e‖ vs δ (per residual row), the elastic-net threshold |z| vs γ (per state element, per
+# token). A float32 computation of the value carries an absolute error of the order of its rounding
+# of the quantities it is formed from, so a decision is a *near-tie* (float32 may take the other
+# branch) when |value − threshold| <= NEAR_FLIP · scale, with scale the largest magnitude involved
+# (Huber: max(δ, |e|, |v|) over the row; elastic net: max(γ, max |z|) over the (sequence, head)'s
+# state matrix), or when the difference is below float32's smallest subnormal (an elastic-net
+# value that underflows to 0 in float32 sits exactly on γ = 0: a state decaying below ~1e-45
+# loses the soft threshold's unit slope there, value and gradient). NEAR_FLIP = 1e-4 is 5x the
+# float32 tolerance of the states (2e-5): a decision further away than that cannot flip unless the
+# state itself is already out of tolerance, which the comparison catches on its own.
+NEAR_FLIP = 1e-4
+SUBNORMAL32 = 2.0 ** -149
+
+
+class Decisions:
+    """What :func:`branch_decisions` recorded: per call of ``reference.psi`` (Huber biases) or
+    ``reference._soft`` (elastic net), in call order, the decision tensor ``outside`` (value beyond
+    the threshold) and the mask of near-ties; ``min`` the smallest relative margin |value − thr| /
+    thr of any decision (the old, threshold-relative measure, kept for the notes)."""
+
+    def __init__(self):
+        self.calls = []   # (kind, outside, near, underflow) per call
+        self.min = math.inf
+
+    def near_ties(self):
+        """[(call, flat index, level)] of every near-tie, in call (= time) order; level 0: within
+        NEAR_FLIP of the threshold, 1: the value rounds to 0 in float32 (|x| <= 2^-150) at γ = 0,
+        2: within one float32 subnormal of it."""
+        out = []
+        for i, (_, _, near, under) in enumerate(self.calls):
+            for j in near.flatten().nonzero().flatten().tolist():
+                out.append((i, j, int(under.flatten()[j])))
+        return out
+
+
+def _huber_decision(e, v, d, mode):
+    if mode == "coord":
+        val, thr = e.abs(), d + torch.zeros_like(e)
+        scale = torch.maximum(torch.maximum(e.abs(), v.abs()).amax(-1, keepdim=True), thr)
+    else:
+        val = (e * e).sum(-1, keepdim=True).sqrt()
+        thr = d + torch.zeros_like(val)
+        scale = torch.maximum(torch.maximum(val, v.norm(dim=-1, keepdim=True)), thr)
+    return val, thr, scale
+
+
+@contextlib.contextmanager
+def branch_decisions(flips=None, near=NEAR_FLIP):
+    """Wrap ``reference.psi`` and ``reference._soft`` while the block runs: record every branch
+    decision (:class:`Decisions`) and, with ``flips`` = {call index: (mask, forced outside)},
+    take the given branch at the masked elements instead (value *and* gradient: the masks are
+    ``torch.where`` conditions, as in the reference). Without flips the math is unchanged."""
+    rec = Decisions()
+    psi0, soft0 = R.psi, R._soft
+    flips = flips or {}
+
+    def note(kind, val, thr, scale, outside):
+        i = len(rec.calls)
+        m = (val - thr).abs()
+        if m.numel():
+            rel = m / thr.clamp_min(1e-300)
+            rec.min = min(rec.min, float(rel.min()))
+        under = torch.where(m <= SUBNORMAL32 / 2, 1, 2) * ((m <= SUBNORMAL32) & (val != 0))
+        nearm = (m <= near * scale) | (under > 0)
+        outside = outside.contiguous()
+        rec.calls.append((kind, outside, nearm.contiguous(), under.contiguous()))
+        f = flips.get(i)
+        if f is None:
+            return None
+        mask, forced = f
+        return torch.where(mask, forced, outside)
+
+    def psi(e, v, bias, **kw):
+        if bias != "huber":
+            return psi0(e, v, bias, **kw)
+        mode = kw.get("huber_mode", "yaad")
+        d = R._per_row(kw.get("delta", 1.0), e)
+        d = d if isinstance(d, torch.Tensor) else torch.tensor(d, dtype=e.dtype)
+        val, thr, scale = _huber_decision(e.detach(), v.detach(), d.detach(), mode)
+        out = note("huber_" + mode, val, thr, scale, val > thr)
+        if out is None:
+            return psi0(e, v, bias, **kw)
+        if mode == "coord":       # clamp(e, −δ, δ) with the given branch
+            return torch.where(out, torch.where(e > 0, d + torch.zeros_like(e), -d + torch.zeros_like(e)), e)
+        n2 = (e * e).sum(-1, keepdim=True)
+        if mode == "yaad":
+            return torch.where(out, d * e / torch.sqrt(e * e + kw.get("eps", 1e-6)), e)
+        n = torch.sqrt(torch.where(out, n2, torch.ones_like(n2)))
+        return torch.where(out, d * e / n, e)
+
+    def soft(z, g):
+        gt = g if isinstance(g, torch.Tensor) else torch.tensor(float(g), dtype=z.dtype)
+        zd, gd = z.detach(), gt.detach() + torch.zeros_like(z)
+        scale = torch.maximum(zd.abs().amax((-2, -1), keepdim=True), gd)
+        # (an exactly zero value at γ = 0 is a structural zero — no input reaches it — not a tie)
+        val = torch.where((zd == 0) & (gd == 0), torch.full_like(zd, math.inf), zd.abs())
+        out = note("soft", val, gd, scale, zd.abs() > gd)
+        if out is None:
+            return soft0(z, g)
+        return torch.where(out, torch.where(z > 0, z - g, z + g), torch.zeros_like(z))
+
+    R.psi, R._soft = psi, soft
+    try:
+        yield rec
+    finally:
+        R.psi, R._soft = psi0, soft0
+
+
+def flip_sets(ties, max_enum=4, max_sets=24):
+    """Candidate sets of near-ties that float32 may have decided the other way, most likely first.
+    Underflow ties (values float32 rounds to 0, then also those within one subnormal) flip
+    together; with up to ``max_enum`` other ties every subset of them is tried, beyond that the
+    empty set, each tie alone and all of them."""
+    under1 = [t for t in ties if t[2] == 1]
+    under2 = [t for t in ties if t[2] == 2]
+    rest = [t for t in ties if not t[2]]
+    if len(rest) <= max_enum:
+        subs = [list(c) for r in range(len(rest) + 1) for c in itertools.combinations(rest, r)]
+    else:
+        subs = [[]] + [[t] for t in rest] + [rest]
+    bases = [under1] + ([under1 + under2] if under2 else []) + [[]] if under1 or under2 else [[]]
+    out = []
+    for base in bases:
+        out += [base + s for s in subs if base + s]
+    return out[:max_sets]
+
+
+def force(rec: Decisions, flipset):
+    """The ``flips`` argument of :func:`branch_decisions` that takes the other branch at every
+    decision of ``flipset`` (as recorded in ``rec``)."""
+    flips = {}
+    for i, j, _ in flipset:
+        outside = rec.calls[i][1]
+        mask, forced = flips.get(i, (torch.zeros(outside.shape, dtype=torch.bool), outside.clone()))
+        mask.view(-1)[j] = True
+        forced.view(-1)[j] = not bool(outside.view(-1)[j])
+        flips[i] = (mask, forced)
+    return flips

@@ -4,15 +4,24 @@ residuals, and the float32 safe ranges documented in README.md ("Numerical safe 
 - T = 65,536 on the CPU (float32): outputs, state (and, on a subset, gradients) stay finite for
   every bias × retention with gates across their ranges (lr from 0 to the stable limit of
   fuzz_cases.lr_high, alpha in [1e-3, 1] with exact 1s, momentum in [0, 0.99] with exact 0s).
-- Error against the float64 reference at T = 4,096 stays within float32's tolerance, and the error
-  over the last 512 tokens is not larger (beyond 3× and round-off) than over the first 512: no
-  growth with T. (The op is causal, so the first 512 outputs of the T = 4,096 run are the T = 512
-  run.)
+- Error against the float64 reference at T = 4,096 stays within float32's tolerance, and does not
+  grow with T: over the last 512 tokens it is within ~2x (2x the worst ratio measured over 41
+  seeds, per variant) of the first 512, both as the window's relative error and as the median
+  per-token relative error. (The op is causal, so the first 512 outputs of the T = 4,096 run are
+  the T = 512 run.)
 - Inside the safe ranges, extreme magnitudes are still accurate (lq accumulators up to ~1e11,
   large residuals below 1e19, ...). Outside them (divergent lr, residuals beyond float32's square
-  root of its range) nothing crashes, float64 agrees with the reference, and float32 turns
-  non-finite only once the float64 reference itself leaves float32's range (in its outputs, its
-  states or its inner gradients η·ψ).
+  root of its range) nothing crashes; float64 agrees with the reference (non-finite at the same
+  token, and its values match before that); float32 turns non-finite only once the float64
+  reference itself leaves float32's range (in its outputs, its states or its inner gradients
+  η·ψ), and its values match the reference up to there or to the documented accuracy limits
+  (‖e‖² of Huber "norm" / robust, lq's ‖A‖_q^(q−2) beyond 3.4e38). "Match" outside the safe
+  ranges is the base tolerance or the reference's measured conditioning (its movement under a
+  relative 1e-13 input perturbation, scaled to the dtype's rounding: chaotic Huber cases).
+  Gradients on the same prefixes are finite wherever the reference's are (and fit the dtype), and
+  match it wherever the op's forward is still on the reference's trajectory (float32: also
+  against the reference with a near-tie branch decision taken the other way, fuzz_cases.py).
+  Two known library bugs found by these checks are reported as xfail (``_known_gradient_bugs``).
 - CUDA bf16 versions are skipped without a GPU.
 
 ``MIRAS_FUZZ=full`` runs every variant (CI: a subset, ~20 s).
@@ -132,10 +141,27 @@ def test_long_sequence_gradients_finite(ret):
 GROWTH = [("l2", "yaad", "l2", True), ("lp", "yaad", "lq", False)]
 GROWTH_FULL = GROWTH + [("huber", "norm", "kl", True), ("robust", "yaad", "elastic_net", True),
                         ("l2", "yaad", "kl", False), ("huber", "coord", "l2", False), ("dot", "yaad", "lq", True)]
+# Bounds on last / first (512-token windows of T = 4,096), 2x the worst ratio measured over 41
+# seeds (4242 and 1..40; this machine, AVX-512) for each variant. Two statistics:
+# - the median over the window of the per-token relative error ‖o_t − ref_t‖ / ‖ref_t‖ (robust to
+#   a few ill-conditioned tokens): worst 1.09 (l2-l2), 1.54 (lp-lq), 1.08 (huber-norm-kl), 1.07
+#   (robust-elastic_net), 1.09 (l2-kl), 1.06 (huber-coord-l2), 1.07 (dot-lq);
+# - the window's relative error ‖o − ref‖ / ‖ref‖ (the error dominated by its largest tokens):
+#   worst 1.10, 15.1, 1.07, 1.09, 1.04, 1.08, 2.06. lp bias with lq retention (at a stable lr its
+#   small accumulators read large, ill-conditioned memories at random tokens: window errors from
+#   7e-8 to 2e-6 in every window position, geometric mean over the seeds flat at 1.8-2.2e-7) is held
+#   by the median; its window bound only catches gross growth.
+GROWTH_MEDIAN_BOUND = {"lp-yaad-lq": 3.1}      # default 2.2
+GROWTH_WINDOW_BOUND = {"lp-yaad-lq": 30.0, "dot-yaad-lq": 4.2}   # default 2.2
 
 
 def _window_err(a, b, lo, hi):
     return rel_err(a[:, lo:hi], b[:, lo:hi])
+
+
+def _token_median_err(a, b, lo, hi):
+    a, b = a[0, lo:hi].detach().double().flatten(1), b[0, lo:hi].detach().double().flatten(1)
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-300)).median())
 
 
 @pytest.mark.parametrize("bias,hm,ret,mom", GROWTH_FULL if FULL else GROWTH,
@@ -150,12 +176,18 @@ def test_error_does_not_grow_with_T(bias, hm, ret, mom):
         o_ref, s_ref = R.memory_update_chunked(*a64, **k64, output_final_state=True)
     first = _window_err(o32, o_ref, 0, W)
     last = _window_err(o32, o_ref, T - W, T)
+    med_first, med_last = _token_median_err(o32, o_ref, 0, W), _token_median_err(o32, o_ref, T - W, T)
     total = rel_err(o32, o_ref)
     state = rel_err(s32.X, s_ref.X)
     print(f"\n{bias}-{hm}-{ret} mom={mom}: rel err first {W}: {first:.2e}, last {W}: {last:.2e}, "
-          f"all: {total:.2e}, final X: {state:.2e}")
+          f"all: {total:.2e}, final X: {state:.2e}; per-token median first {med_first:.2e}, last {med_last:.2e}")
     assert total <= 2e-5 and state <= 2e-5
-    assert last <= 3 * first + 1e-6, f"error grows with T: {first:.2e} over the first {W} tokens, {last:.2e} over the last"
+    name = f"{bias}-{hm}-{ret}"
+    bm, bw = GROWTH_MEDIAN_BOUND.get(name, 2.2), GROWTH_WINDOW_BOUND.get(name, 2.2)
+    assert med_last <= bm * med_first, (f"error grows with T: per-token median {med_first:.2e} over the first {W} "
+                                        f"tokens, {med_last:.2e} over the last (bound {bm}x)")
+    assert last <= bw * first, (f"error grows with T: {first:.2e} over the first {W} tokens, {last:.2e} over the "
+                                f"last (bound {bw}x)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +306,170 @@ def _first_bad_token(o):
     return int(bad[0]) if len(bad) else None
 
 
+@contextlib.contextmanager
+def float32_accuracy_limits():
+    """Record, per chunk of the float64 reference, the two intermediate magnitudes whose float32
+    range README's "Numerical safe ranges" states as the limit of float32's *accuracy* (not of its
+    finiteness): the residual rows' ‖e‖² (Huber "norm" and robust form it; beyond 3.4e38 they
+    return finite values that are not the reference's) and lq's ‖A‖_q^(q−2) (beyond 3.4e38 the
+    read W = A / ‖A‖_q^(q−2) underflows to 0)."""
+    rec = []
+    sig0, phi0 = R._anchor_signal, R._phi
+
+    def sig(Wa, K, V, *a, **k):
+        E = (K @ Wa[0] - V).detach()
+        rec.append([float((E * E).sum(-1).max()) if E.numel() else 0.0, 0.0])
+        return sig0(Wa, K, V, *a, **k)
+
+    def phi(X, cfg):
+        if cfg.retention == "lq" and cfg.q_norm != 2.0 and rec:
+            n = X.detach().abs().pow(cfg.q_norm).sum((-2, -1)).pow(1.0 / cfg.q_norm).clamp_min(cfg.eps_q)
+            rec[-1][1] = max(rec[-1][1], float(n.pow(cfg.q_norm - 2.0).max()))
+        return phi0(X, cfg)
+
+    R._anchor_signal, R._phi = sig, phi
+    try:
+        yield rec
+    finally:
+        R._anchor_signal, R._phi = sig0, phi0
+
+
+def _srel(a, b):
+    """‖a − b‖ / ‖b‖ in float64, scaled by max |b| (values near float64's range would overflow the
+    norms themselves)."""
+    a, b = a.detach().double(), b.detach().double()
+    s = float(b.abs().max()) if b.numel() else 0.0
+    if s == 0.0:
+        return float((a - b).abs().max()) if a.numel() else 0.0
+    return float(((a - b) / s).norm() / (b / s).norm())
+
+
+def _perturbed(args, seed=99):
+    """The float64 inputs times (1 + PERTURB · N(0, 1)) (zeros stay zero)."""
+    g = torch.Generator().manual_seed(seed)
+    return [None if t is None else t * (1 + PERTURB * torch.randn(t.shape, generator=g, dtype=t.dtype)) for t in args]
+
+
+# Comparisons outside the safe ranges (chaotic dynamics, values near the end of the range): the
+# op's error against the float64 reference is held to the reference's own conditioning, measured by
+# perturbing every input by a relative PERTURB and rerunning it — allowance
+# K · (unit roundoff / PERTURB) × that movement (tests/test_fuzz.py's scheme), on top of a base
+# tolerance. Measured over all 140 EXTREME cases (7 biases × 4 retentions × 5 extremes, this
+# machine, AVX-512), as the largest error / ((u / PERTURB) × movement):
+# - outputs, on every chunk-aligned prefix: float32 13.3 (huber-coord-l2-lr50, chaotic; next 5.2),
+#   float64 2.2 → K_OUT = 30;
+# - gradients: float32 27.3, float64 8.7 (both huber-coord-kl-lr50; next 5.9 / 1.4) → K_GRAD = 60.
+# Base tolerances (the suite's float32 / float64 ones; the largest errors of the well-conditioned
+# cases are 3.3e-6 / 1.1e-13 for outputs).
+PERTURB = 1e-13
+U = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24}
+K_OUT, K_GRAD = 30.0, 60.0
+BASE_OUT = {torch.float64: 1e-12, torch.float32: 2e-5}
+BASE_GRAD = {torch.float64: 1e-10, torch.float32: 3e-4}
+GRAD_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-6}  # × the norm of all the reference gradients
+LINEAR = 1e-3   # gradients are compared where the op's forward error on the prefix is below this
+GRAD_NAMES = ["q", "k", "v", "lr", "alpha"]
+
+
+def _grads(fn, args, kw, cot, dtype):
+    lv = [t.detach().to(dtype).requires_grad_() for t in args[:5]]
+    o, _ = fn(*lv, None, **kw)
+    return o.detach(), [g.double() for g in torch.autograd.grad((o.double() * cot).sum(), lv)]
+
+
+def _grad_failures(args, kw, n, dtypes):
+    """Gradients of ⟨o, cot⟩ on the first n tokens (a chunk multiple before the dtypes' limits):
+    the op in each of ``dtypes`` against the float64 reference on the same inputs (rounded to
+    float32 when float32 is among them, so one reference serves both). Returns a list of failure
+    messages (empty: passed)."""
+    rdt = torch.float32 if torch.float32 in dtypes else torch.float64
+    a = [None if t is None else t[:, :n].to(rdt).double() for t in args]
+    cot = torch.randn((1, n) + tuple(args[2].shape[2:]), generator=torch.Generator().manual_seed(3),
+                      dtype=torch.float64).to(rdt).double()
+    with FC.branch_decisions() as dec:
+        o_ref, g_ref = _grads(R.memory_update_chunked, a, kw, cot, torch.float64)
+    ref_fin = all(bool(torch.isfinite(g).all()) for g in g_ref)
+    gmax = max(float(g.abs().max()) for g in g_ref) if ref_fin else math.inf
+    tot = math.sqrt(sum(float(g.norm()) ** 2 for g in g_ref)) if ref_fin else math.inf
+    g_p, failures = [], []
+    for dtype in dtypes:
+        if not ref_fin or (dtype == torch.float32 and not gmax <= F32_MAX):
+            continue   # the reference's own gradients leave the dtype's range: nothing to hold the op to
+        o_op, g_op = _grads(miras.memory_update, a, kw, cot, dtype)
+        bad = [nm for nm, g in zip(GRAD_NAMES, g_op) if not bool(torch.isfinite(g).all())]
+        if bad:
+            failures.append(f"{dtype}, T = {n}: non-finite gradient of {bad} where the reference's are "
+                            f"finite (max |grad| {gmax:.2e})")
+            continue
+        if not _srel(o_op, o_ref) <= LINEAR:
+            continue   # the op's forward has left the reference's trajectory (chaotic): values not comparable
+        floor = GRAD_FLOOR[dtype] * tot
+
+        def excess(g_cmp, sens=None):
+            out = {}
+            for nm, x, y, yr in zip(GRAD_NAMES, g_op, g_cmp, g_ref):
+                err, yn = float((x - y).norm()), float(yr.norm())
+                allow = BASE_GRAD[dtype] * yn + floor
+                if sens is not None:
+                    allow += K_GRAD * (U[dtype] / PERTURB) * sens[nm]
+                if not err <= allow:
+                    out[nm] = f"|a-b| {err:.2e} > {allow:.2e} (|ref| {yn:.2e})"
+            return out
+
+        bad = excess(g_ref)
+        if not bad:
+            continue
+        if not g_p:
+            g_p = _grads(R.memory_update_chunked, _perturbed(a), kw, cot, torch.float64)[1]
+        sens = {nm: float((x - y).norm()) for nm, x, y in zip(GRAD_NAMES, g_p, g_ref)}
+        bad = excess(g_ref, sens)
+        if not bad:
+            continue
+        # a branch decision of the reference within float32's reach of its threshold (Huber clamps,
+        # elastic-net threshold): the op's gradient must then match the reference that takes those
+        # decisions the other way (tests/fuzz_cases.py, as in test_fuzz.py's tie fallback)
+        if dtype == torch.float32 and _branch_explains(dec, lambda: not excess(
+                _grads(R.memory_update_chunked, a, kw, cot, torch.float64)[1], sens)):
+            continue
+        failures.append(f"{dtype}, T = {n}: gradients {bad} ({len(dec.near_ties())} near-tie decision(s))")
+    return failures
+
+
+def _branch_explains(dec, matches):
+    """Whether ``matches()`` holds with the reference forced to the other branch at one of the
+    fuzz_cases.flip_sets of the recorded near-ties."""
+    for flipset in FC.flip_sets(dec.near_ties()):
+        with FC.branch_decisions(FC.force(dec, flipset)):
+            if matches():
+                return True
+    return False
+
+
 EXTREME = [("lr", 5.0, 1.0), ("lr", 50.0, 1.0), ("v", 0.5, 1e3), ("v", 1.0, 1e18), ("v", 1.0, 1e21)]
 EXTREME_CASES = [(b, r, e) for b in range(len(BIAS_MODES)) for r in RETENTIONS for e in range(len(EXTREME))]
 if not FULL:  # CI: lp (p = 3) and l2 against every retention, the lq normaliser against every bias
     EXTREME_CASES = [c for c in EXTREME_CASES if BIAS_MODES[c[0]][0] in ("lp", "l2") or c[1] == "lq"]
+
+
+def _known_gradient_bugs(bias, ret, dtype, mags_x, e2_max):
+    """Known library bugs (see the messages) that the gradient checks catch outside the safe
+    ranges; the test reports them as xfail instead of failing, once every other check passed."""
+    out = []
+    if ret == "kl" and mags_x >= 1e4:
+        out.append("KL retention with large logits (saturated softmax): where the exact (and the "
+                   "reference's) dX of the read W = c·softmax(X) is 0, the op's keeps a residue that "
+                   "d alpha multiplies by X (dk, d lr by ψ), so the error grows like |X|: (i) AVX2 / "
+                   "AVX-512 builds (not MIRAS_CPU_ISA=portable), float64 and float32: ~u·|X| "
+                   "(float32 1.7e-3 absolute at |X| ~ 1e4 against a total gradient of 2.4), most "
+                   "likely the FMA contraction of `qi * dot[j] - tmp2[j]` in the per-token KL "
+                   "backward (csrc/cpu/chunk_kernels.h), tmp2 = do·o/c being the rounded product; "
+                   "(ii) every build, float32: kl_exp clamps weights below e^-87.3 to ~1.2e-38 "
+                   "instead of 0, visible once |X| >~ 1e35")
+    if bias == "robust" and dtype == torch.float32 and e2_max > F32_MAX ** (2.0 / 3.0):
+        out.append("robust bias, float32 backward: bias_vjp_e forms Δ·e·edpsi / r³, whose r³ overflows "
+                "for residual norms r > 7e12 (inf/inf = NaN) while the forward and the reference's "
+                "gradients are finite")
+    return out
 
 
 @pytest.mark.parametrize("bi,ret,ei", EXTREME_CASES,
@@ -290,8 +482,8 @@ def test_outside_safe_range_nonfinite_only_where_reference_leaves_float32(bi, re
     args = _plain(T=T, lr=lr, v_scale=vs, seed=11)
     kw = dict(bias=bias, huber_mode=hm, retention=ret, chunk_size=C, delta=vs, robust_delta=0.5 * vs, gamma=1e-3)
     with torch.no_grad():
-        with chunk_magnitudes() as mags:
-            o_ref, _ = R.memory_update_chunked(*args, **kw, output_final_state=True)
+        with chunk_magnitudes() as mags, float32_accuracy_limits() as limits:
+            o_ref, s_ref = R.memory_update_chunked(*args, **kw, output_final_state=True)
         o64, _ = miras.memory_update(*args, **kw)
         a32, k32 = _cast(args, {}, torch.float32)
         o32, _ = miras.memory_update(*a32, **kw)
@@ -305,11 +497,51 @@ def test_outside_safe_range_nonfinite_only_where_reference_leaves_float32(bi, re
     t32 = _first_bad_token(o32)
     assert t32 is None or t32 >= t_over, (
         f"float32 non-finite from token {t32}, but the reference stays within float32's range until {t_over}")
-    # gradients: backward runs (no crash) in both dtypes
+
+    # values where both stay finite: on every chunk-aligned prefix before the limits (float64: its
+    # first non-finite token; float32: the reference leaving float32's range, or the documented
+    # accuracy limits, float32_accuracy_limits), the op matches the reference within the base
+    # tolerance or the measured-conditioning allowance
+    norm_rows = bias == "robust" or (bias == "huber" and hm == "norm")
+    t_acc = [i * C for i, (e2, nq) in enumerate(limits) if (norm_rows and not e2 <= F32_MAX) or not nq <= F32_MAX]
+    n64 = min([T] + [t for t in (t_ref, t64) if t is not None]) // C * C
+    n32 = min([t_over] + t_acc[:1]) // C * C
+    o_p = None
+    for dt, o, n in ((torch.float64, o64, n64), (torch.float32, o32, n32)):
+        for e in range(C, n + 1, C):
+            err = _srel(o[:, :e], o_ref[:, :e])
+            if err <= BASE_OUT[dt]:
+                continue
+            if o_p is None:
+                with torch.no_grad():
+                    o_p, _ = R.memory_update_chunked(*_perturbed(args), **kw)
+            allow = BASE_OUT[dt] + K_OUT * (U[dt] / PERTURB) * _srel(o_p[:, :e], o_ref[:, :e])
+            assert err <= allow, (f"{dt}: outputs of the first {e} tokens off by {err:.2e} (relative), beyond "
+                                  f"the conditioning allowance {allow:.2e}")
+
+    # gradients: backward runs (no crash) in both dtypes over the whole sequence, and on the same
+    # prefixes they are finite wherever the reference's are (and within the dtype's range) and
+    # match the reference (base tolerance + conditioning allowance, or the reference with a
+    # near-tie branch decision taken the other way) wherever the op's forward is still on the
+    # reference's trajectory (relative error <= LINEAR)
     for dt in (torch.float32, torch.float64):
         a, _ = _cast(args, {}, dt, requires_grad=True)
         o, _ = miras.memory_update(*a, **kw)
         torch.autograd.grad(o.sum(), [t for t in a if t is not None])
+    failures = []
+    for n, dts in ([(n32, [torch.float64, torch.float32])] if n64 == n32 else
+                   [(n64, [torch.float64]), (n32, [torch.float32])]):
+        if n > 0:
+            failures += [(torch.float32 if "float32" in f.split(",")[0] else torch.float64, f)
+                         for f in _grad_failures(args, kw, n, dts)]
+    if failures:
+        x_max = float(s_ref.X.abs().max()) if bool(torch.isfinite(s_ref.X).all()) else math.inf
+        e2_max = max([e2 for e2, _ in limits[: max(n32 // C, 1)]] or [0.0])
+        known = [_known_gradient_bugs(bias, ret, dt, x_max, e2_max) for dt, _ in failures]
+        if all(known):
+            pytest.xfail("known bug(s): " + "; ".join(sorted({r for k in known for r in k})) + " — "
+                         + "; ".join(f for _, f in failures))
+        raise AssertionError("; ".join(f for _, f in failures))
 
 
 # ---------------------------------------------------------------------------------------------
