@@ -46,9 +46,7 @@ def _build_info_flags():
 
 
 def _sources(pattern):
-    files = sorted(glob.glob(os.path.join(ROOT, pattern)))
-    # Stand-alone test programs live beside the kernels but are not part of the extension.
-    return [os.path.relpath(f, ROOT) for f in files if "selftest" not in os.path.basename(f)]
+    return [os.path.relpath(f, ROOT) for f in sorted(glob.glob(os.path.join(ROOT, pattern)))]
 
 
 def _cutlass_include():

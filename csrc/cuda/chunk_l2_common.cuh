@@ -188,10 +188,10 @@ __device__ __forceinline__ void load_tile_f2t_lo(T* dst, int ldd, const float* s
   }
 }
 
-// Biases whose psi VJP is ill-conditioned in e (huber yaad: delta eps / (e^2 + eps)^{3/2} is
-// ~1/sqrt(eps) near e = 0) get E = K W0 - V and the state update with a hi/lo split of the fp32
-// operand (two MMAs), so that E and the state carry ~16 bits instead of bf16's 8.
-MIRAS_HD bool bias_needs_split(int kind) { return kind == kBiasHuberYaad; }
+// Biases whose psi VJP is ill-conditioned in e (bias_needs_split, core/bias.h: huber yaad, whose
+// delta eps / (e^2 + eps)^{3/2} is ~1/sqrt(eps) near e = 0) get E = K W0 - V and the state update
+// with a hi/lo split of the fp32 operand (two MMAs), so that E and the state carry ~16 bits
+// instead of bf16's 8.
 
 // T global rows -> fp32 shared, multiplied by `mul` (rows >= nvalid are 0).
 template <typename T>

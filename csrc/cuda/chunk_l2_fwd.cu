@@ -461,7 +461,7 @@ const char* chunk_l2_unsupported(const ChunkFwdParams& p) {
     return "the chunked tensor-core path needs head dims Dk, Dv in {64, 128}";
   const int64_t C = p.cfg.chunk_size;
   if (!(C == 16 || C == 32 || C == 64)) return "the chunked tensor-core path needs chunk_size 16, 32 or 64";
-  if (p.cfg.bias < kBiasDot || p.cfg.bias > kBiasRobust) return "unknown bias kind";
+  if (!bias_known(p.cfg.bias)) return "unknown bias kind";
   if (p.A0) return "the chunked tensor-core path does not take a separate first-chunk anchor (A0)";
   if (!p.q || !p.k || !p.v || !p.lr || !p.alpha) return "q, k, v, lr and alpha are required";
   if (p.N < 0 || p.T < 0 || p.H <= 0) return "bad sizes";
