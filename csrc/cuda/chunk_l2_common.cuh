@@ -29,6 +29,7 @@
 #include "../core/bias.h"
 #include "../core/params.h"
 #include "device.cuh"
+#include "kernels.h"
 
 namespace miras {
 namespace cuda {
@@ -471,6 +472,30 @@ inline void set_smem(K kern, size_t bytes, const char* name) {
 }
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// Host: launches a sequential (state) kernel on `blocks` CTAs of kThreads, in clusters of
+// `cluster` CTAs along x when cluster > 1 (else an ordinary launch); throws a clear error naming
+// the kernel when the launch fails.
+template <typename... P, typename... A>
+inline void launch_state_kernel(void (*kern)(P...), const char* name, unsigned blocks, unsigned cluster, size_t smem,
+                                cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kern, static_cast<A&&>(args)...);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("miras: CUDA launch of ") + name + " failed: " + cudaGetErrorString(err));
+  check_launch(name);
+}
 
 // ---- warp reductions -----------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float x) {
