@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -30,16 +31,18 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DMIRAS_WITH_CUD
               "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-arch=sm_90a", "-ptx"]
 
 
+def _fingerprint_module():
+    spec = importlib.util.spec_from_file_location("_miras_fp", os.path.join(ROOT, "python", "miras", "_fingerprint.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def families(root):
-    out = {}
-    with open(os.path.join(root, "csrc", "cuda", "families.txt")) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                name, *paths = line.split()
-                out[name] = [p for p in paths if p.endswith(".cu")]
-    out.pop("shared", None)
-    return out
+    """{family: its .cu files} of root's csrc/cuda/families.txt (the shared line left out)."""
+    fams = _fingerprint_module().families(root)
+    fams.pop("shared", None)
+    return {name: [p for p in paths if p.endswith(".cu")] for name, paths in fams.items()}
 
 
 def nvcc():

@@ -203,6 +203,24 @@ void run_bwd(const ChunkBwdParams& prm, const at::Tensor& q) {
   }
 }
 
+// The checks both ops share; caps cfg.chunk_size (effective_chunk) and returns the sizes.
+Problem check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
+                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+                   const c10::optional<at::Tensor>& bias_param, const c10::optional<at::Tensor>& ret_param,
+                   const c10::optional<at::Tensor>& X0, const c10::optional<at::Tensor>& P0,
+                   const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& cu_seqlens,
+                   MemoryConfig& cfg) {
+  check_common(q, k, v, lr, alpha, momentum, cu_seqlens, cfg.chunk_size);
+  check_gate_like(bias_param, "bias_param", q);
+  check_gate_like(ret_param, "ret_param", q);
+  cfg.chunk_size = effective_chunk(cfg.chunk_size, q.size(1));
+  Problem pr = make_problem(q, v, cu_seqlens, cfg.chunk_size);
+  check_state(X0, "initial_state.X", pr, q);
+  check_state(P0, "initial_state.P", pr, q);
+  check_state(A0, "initial_state.anchor", pr, q);
+  return pr;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd_impl(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& lr_,
     const at::Tensor& alpha_, const c10::optional<at::Tensor>& momentum_,
@@ -211,15 +229,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_, c10::IntArrayRef icfg,
     c10::ArrayRef<double> fcfg, bool save_states) {
   MemoryConfig cfg = config_of(icfg, fcfg);
-  const int64_t chunk_size_ = cfg.chunk_size;
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
-  check_gate_like(bias_param_, "bias_param", q_);
-  check_gate_like(ret_param_, "ret_param", q_);
-  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
-  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
-  check_state(X0_, "initial_state.X", pr, q_);
-  check_state(P0_, "initial_state.P", pr, q_);
-  check_state(A0_, "initial_state.anchor", pr, q_);
+  const Problem pr = check_call(q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_,
+                                cu_seqlens_, cfg);
   const Types ty = types_for(q_);
   const bool mom = momentum_.has_value();
   const auto so = q_.options().dtype(ty.state);
@@ -238,7 +249,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor cP = (save_states && mom) ? slots() : at::empty({0}, so);
 
   ChunkFwdParams prm;
-  cfg.chunk_size = chunk_size;
   fill(prm, pr, ty, in, cfg);
   prm.o = o.data_ptr();
   prm.XT = XT.data_ptr();
@@ -270,15 +280,8 @@ std::vector<at::Tensor> chunk_bwd_impl(
     const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_,
     const at::Tensor& chunk_X_, const at::Tensor& chunk_P_, c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg) {
   MemoryConfig cfg = config_of(icfg, fcfg);
-  const int64_t chunk_size_ = cfg.chunk_size;
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
-  check_gate_like(bias_param_, "bias_param", q_);
-  check_gate_like(ret_param_, "ret_param", q_);
-  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
-  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
-  check_state(X0_, "initial_state.X", pr, q_);
-  check_state(P0_, "initial_state.P", pr, q_);
-  check_state(A0_, "initial_state.anchor", pr, q_);
+  const Problem pr = check_call(q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_,
+                                cu_seqlens_, cfg);
   check_state(dXT_, "dXT (the gradient of the final X)", pr, q_);
   check_state(dPT_, "dPT (the gradient of the final P)", pr, q_);
   const Types ty = types_for(q_);
@@ -303,7 +306,6 @@ std::vector<at::Tensor> chunk_bwd_impl(
   at::Tensor cX = chunk_X_.to(ty.state).contiguous(), cP = chunk_P_.to(ty.state).contiguous();
 
   ChunkBwdParams b;
-  cfg.chunk_size = chunk_size;
   fill(b.fwd, pr, ty, in, cfg);
   b.fwd.chunk_X = cX.data_ptr();
   b.fwd.chunk_P = mom ? cP.data_ptr() : nullptr;
