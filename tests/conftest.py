@@ -169,6 +169,32 @@ def make_inputs(B=2, T=37, H=2, Dk=8, Dv=6, dtype=torch.float64, device="cpu", m
     return args, kw
 
 
+_CFG_DEFAULTS = dict(bias=1, retention=0, chunk_size=64, p=3.0, eps=1e-6, bias_param=1.0, ret_param=0.0, kl_scale=1.0,
+                     q_norm=4.0, eps_q=1e-6, scale=1.0)
+
+
+def op_cfg(**fields):
+    """[icfg, fcfg]: the configuration arrays of the raw ops torch.ops.miras.* (csrc/core/params.h's
+    field order, read from the extension), from MemoryConfig field values (codes for bias/retention)."""
+    order = miras._C.config_fields()
+    vals = dict(_CFG_DEFAULTS, **fields)
+    unknown = set(fields) - set(order["ints"]) - set(order["floats"])
+    assert not unknown, f"no such configuration field: {unknown}"
+    return [[int(vals[n]) for n in order["ints"]], [float(vals[n]) for n in order["floats"]]]
+
+
+def cfg_set(arrays, **fields):
+    """A copy of [icfg, fcfg] with some fields changed (raw values: also invalid ones)."""
+    order = miras._C.config_fields()
+    icfg, fcfg = list(arrays[0]), list(arrays[1])
+    for n, v in fields.items():
+        if n in order["ints"]:
+            icfg[order["ints"].index(n)] = v
+        else:
+            fcfg[order["floats"].index(n)] = v
+    return [icfg, fcfg]
+
+
 def state_of(kw, memory_state_cls=None):
     """The ``MemoryState`` built from ``kw["_X0"]``/``kw["_P0"]`` (None without them)."""
     cls = memory_state_cls or MemoryState

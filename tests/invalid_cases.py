@@ -28,6 +28,27 @@ import torch
 import miras
 from miras.state import MemoryState
 
+_ORDER = miras._C.config_fields()
+_CFG_DEFAULTS = dict(bias=1, retention=0, chunk_size=64, p=3.0, eps=1e-6, bias_param=1.0, ret_param=0.0, kl_scale=1.0,
+                     q_norm=4.0, eps_q=1e-6, scale=1.0)
+
+
+def op_cfg(**fields):
+    """[icfg, fcfg] of the raw ops (csrc/core/params.h's field order, from the extension)."""
+    vals = dict(_CFG_DEFAULTS, **fields)
+    return [[int(vals[n]) for n in _ORDER["ints"]], [float(vals[n]) for n in _ORDER["floats"]]]
+
+
+def cfg_set(arrays, **fields):
+    """A copy of [icfg, fcfg] with some fields set to raw (also invalid) values."""
+    icfg, fcfg = list(arrays[0]), list(arrays[1])
+    for n, v in fields.items():
+        if n in _ORDER["ints"]:
+            icfg[_ORDER["ints"].index(n)] = v
+        else:
+            fcfg[_ORDER["floats"].index(n)] = v
+    return [icfg, fcfg]
+
 BIASES = [("dot", "yaad"), ("l2", "yaad"), ("lp", "yaad"), ("huber", "yaad"), ("huber", "coord"), ("huber", "norm"),
           ("robust", "yaad")]
 RETENTIONS = ["l2", "kl", "elastic_net", "lq"]
@@ -408,7 +429,8 @@ def raw_fwd_args(base, save=True):
             bp if isinstance(bp, torch.Tensor) else None, rp if isinstance(rp, torch.Tensor) else None,
             st.X if st is not None else None, st.P if st is not None else None, None,
             cu.to(torch.int64) if cu is not None else None,
-            code, RET_CODE[base.retention], 3.0, 1e-6, 1.0, 1e-3, 1.0, 4.0, 1e-6, base.Dk ** -0.5, base.C, save]
+            *op_cfg(bias=code, retention=RET_CODE[base.retention], ret_param=1e-3, scale=base.Dk ** -0.5,
+                    chunk_size=base.C), save]
 
 
 FWD_NAMES = ["q", "k", "v", "lr", "alpha", "momentum", "bias_param", "ret_param", "X0", "P0", "A0", "cu_seqlens"]
@@ -453,13 +475,13 @@ def m_raw_fwd(base, rng):
                if kind == "cu_bad" else torch.tensor([0.0, float(T)]))
         want = r"cu_seqlens"
     elif kind == "chunk":
-        args[22] = rng.choice([0, -1, -(2 ** 62)])
+        args[12:14] = cfg_set(args[12:14], chunk_size=rng.choice([0, -1, -(2 ** 62)]))
         want = r"chunk_size"
     elif kind == "bias_code":
-        args[12] = rng.choice([-1, 7, 100])
+        args[12:14] = cfg_set(args[12:14], bias=rng.choice([-1, 7, 100]))
         want = r"bias"
     elif kind == "ret_code":
-        args[13] = rng.choice([-1, 4, 100])
+        args[12:14] = cfg_set(args[12:14], retention=rng.choice([-1, 4, 100]))
         want = r"retention"
     elif kind == "int_dtype":
         i = rng.choice([0, 1, 2, 3, 4])
@@ -489,17 +511,16 @@ def m_raw_fwd(base, rng):
         # valid: a chunk larger than the sequence (up to 2^63 - 1) computes what C = T + 1 does
         def run():
             a1, a2 = list(args), list(args)
-            a1[22], a2[22] = T + 1, rng.choice([2 ** 31 + 5, 2 ** 62, 2 ** 63 - 1])
+            a1[12:14] = cfg_set(a1[12:14], chunk_size=T + 1)
+            a2[12:14] = cfg_set(a2[12:14], chunk_size=rng.choice([2 ** 31 + 5, 2 ** 62, 2 ** 63 - 1]))
             return all(torch.equal(x, y) for x, y in zip(torch.ops.miras.chunk_fwd(*a1),
                                                            torch.ops.miras.chunk_fwd(*a2)))
         return run, "STRIDED", base
     elif kind == "lp_p":
-        args[12] = 2
-        args[14] = rng.choice([0.5, 0.0, -1.0])
+        args[12:14] = cfg_set(args[12:14], bias=2, p=rng.choice([0.5, 0.0, -1.0]))
         want = r"\bp\b"
     elif kind == "lq_q":
-        args[13] = 3
-        args[19] = rng.choice([1.5, 0.0, -3.0])
+        args[12:14] = cfg_set(args[12:14], retention=3, q_norm=rng.choice([1.5, 0.0, -3.0]))
         want = r"\bq\b"
     else:  # empty head dims
         Dk0 = rng.choice([0, Dk])
@@ -525,7 +546,7 @@ def m_raw_bwd(base, rng):
     dO = torch.randn_like(o)
     dXT = torch.randn_like(XT)
     dPT = torch.randn_like(PT) if base.mom else None
-    args = [dO, dXT, dPT] + fa[:12] + [cX, cP] + fa[12:23]
+    args = [dO, dXT, dPT] + fa[:12] + [cX, cP] + fa[12:14]
     good_args = list(args)
     kind = rng.choice(["dO", "dXT", "dPT", "chunk_X", "chunk_P", "no_saved", "X0", "param", "device"])
     if kind == "dO":

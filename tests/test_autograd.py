@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, make_inputs, op_kwargs
+from conftest import assert_close, make_inputs, op_cfg, op_kwargs
 
 miras = pytest.importorskip("miras")
 from miras.state import MemoryState  # noqa: E402
@@ -112,8 +112,8 @@ def _fwd_args(seed, momentum=True, init=True, cu=False, bias_code=3, ret_code=2,
     cu_t = torch.tensor([0, 3, 3, 8], dtype=torch.int64) if cu else None
     X0 = kw.get("_X0")
     P0 = kw.get("_P0")
-    return [q, k, v, lr, alpha, mom, kw["delta"], kw["gamma"], X0, P0, None, cu_t, bias_code, ret_code, 3.0, 1e-6,
-            1.0, 0.0, 1.0, 4.0, 1e-6, 0.5, C, True]
+    return [q, k, v, lr, alpha, mom, kw["delta"], kw["gamma"], X0, P0, None, cu_t,
+            *op_cfg(bias=bias_code, retention=ret_code, bias_param=1.0, ret_param=0.0, scale=0.5, chunk_size=C), True]
 
 
 @pytest.mark.parametrize("variant", ["full", "nomom-noinit", "varlen"])
@@ -142,7 +142,7 @@ def test_opcheck_chunk_bwd(momentum, seed):
     dO = torch.randn(o.shape, generator=g, dtype=o.dtype)
     dXT = torch.randn(XT.shape, generator=g, dtype=XT.dtype)
     dPT = torch.randn(XT.shape, generator=g, dtype=XT.dtype) if momentum else None
-    bwd = [dO, dXT, dPT] + a[:12] + [cX, cP] + a[12:23]
+    bwd = [dO, dXT, dPT] + a[:12] + [cX, cP] + a[12:14]
     torch.library.opcheck(torch.ops.miras.chunk_bwd.default, tuple(bwd))
     # chunk_bwd is what autograd calls: its results are the gradients autograd returns.
     grads = torch.ops.miras.chunk_bwd(*bwd)
@@ -243,7 +243,7 @@ def test_chunk_bwd_outputs_do_not_alias(momentum, seed):
     a[6] = None  # no tensor bias param
     a[7] = None  # no tensor retention param
     o, XT, PT, AT, cX, cP = torch.ops.miras.chunk_fwd(*a)
-    bwd = [torch.ones_like(o), None, None] + a[:12] + [cX, cP] + a[12:23]
+    bwd = [torch.ones_like(o), None, None] + a[:12] + [cX, cP] + a[12:14]
     outs = torch.ops.miras.chunk_bwd(*bwd)
     storages = [t.untyped_storage()._cdata for t in outs]
     assert len(set(storages)) == len(storages), "chunk_bwd returns the same tensor/storage more than once"

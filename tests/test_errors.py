@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_inputs, op_kwargs
+from conftest import make_inputs, op_cfg, op_kwargs
 
 miras = pytest.importorskip("miras")
 from miras.state import MemoryState  # noqa: E402
@@ -263,8 +263,9 @@ def _raw(a, **over):
     args = dict(q=a["q"], k=a["k"], v=a["v"], lr=a["lr"], alpha=a["alpha"], momentum=a["momentum"])
     args.update(over)
     return torch.ops.miras.chunk_fwd(args["q"], args["k"], args["v"], args["lr"], args["alpha"], args["momentum"],
-                                     None, None, None, None, None, None, over.get("bias", 1), over.get("ret", 0),
-                                     3.0, 1e-6, 1.0, 0.0, 1.0, 4.0, 1e-6, 0.5, over.get("C", 4), False)
+                                     None, None, None, None, None, None,
+                                     *op_cfg(bias=over.get("bias", 1), retention=over.get("ret", 0), scale=0.5,
+                                             chunk_size=over.get("C", 4)), False)
 
 
 def test_raw_op_checks(good):

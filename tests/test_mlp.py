@@ -33,7 +33,7 @@ import math
 import pytest
 import torch
 
-from conftest import BIAS_IDS, BIAS_MODES, RETENTIONS, assert_close, make_inputs, op_kwargs, rel_err
+from conftest import BIAS_IDS, BIAS_MODES, RETENTIONS, assert_close, make_inputs, op_cfg, op_kwargs, rel_err
 
 miras = pytest.importorskip("miras")
 from miras import reference as R  # noqa: E402
@@ -405,7 +405,7 @@ def _fwd_args(seed, momentum=True, anchor=False, cu=False, C=3):
         A2 = (W2.detach() - 0.05).requires_grad_(True)
     cu_t = torch.tensor([0, 3, 3, 8], dtype=torch.int64) if cu else None
     return [q, k, v, lr, alpha, mom, kw["delta"], kw["gamma"], extra["ln_weight"], extra["ln_bias"], W1, W2, P1, P2,
-            A1, A2, cu_t, 3, 2, 3.0, 1e-6, 1.0, 0.0, 1.0, 4.0, 1e-6, 0.7, C, True]
+            A1, A2, cu_t, *op_cfg(bias=3, retention=2, bias_param=1.0, ret_param=0.0, scale=0.7, chunk_size=C), True]
 
 
 @pytest.mark.parametrize("variant", ["mom", "nomom-anchor-varlen"])
@@ -419,14 +419,14 @@ def test_mlp_opcheck_bwd(seed):
     o, W1T, W2T, P1T, P2T, A1T, A2T, cX, cP = torch.ops.miras.mlp_chunk_fwd(*a)
     g = torch.Generator().manual_seed(seed)
     cot = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (o, W1T, W2T, P1T, P2T)]
-    bwd = cot + a[:17] + [cX, cP] + a[17:28]
+    bwd = cot + a[:17] + [cX, cP] + a[17:19]
     torch.library.opcheck(torch.ops.miras.mlp_chunk_bwd.default, tuple(bwd))
     # outputs never alias (custom-op rule), absent-input placeholders included
     a2 = list(a)
     a2[5] = a2[6] = a2[7] = a2[8] = a2[9] = a2[12] = a2[13] = None
     outs = torch.ops.miras.mlp_chunk_fwd(*a2)
     grads = torch.ops.miras.mlp_chunk_bwd(torch.ones_like(outs[0]), None, None, None, None, *a2[:17], outs[7],
-                                          outs[8], *a2[17:28])
+                                          outs[8], *a2[17:19])
     for ts in (outs, grads):
         st = [t.untyped_storage()._cdata for t in ts]
         assert len(set(st)) == len(st)

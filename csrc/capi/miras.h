@@ -114,6 +114,11 @@ typedef struct miras_config {
   int64_t chunk_size;  /* C >= 1 (64); for miras_step the step's C (1 = exact online GD) */
 } miras_config;
 
+/* The fields of miras_config with the name and meaning of the backends' configuration
+ * (csrc/core/params.h MemoryConfig): the library copies these one to one (the others — bias,
+ * retention and the per-token parameters' scalars — are mapped explicitly). */
+#define MIRAS_CONFIG_SHARED_FIELDS(X) X(p) X(eps) X(kl_scale) X(q_norm) X(eps_q) X(scale) X(chunk_size)
+
 /* Where and how a call runs. */
 typedef struct miras_exec {
   int32_t device;          /* miras_device */

@@ -201,15 +201,11 @@ MemoryConfig to_core(const miras_config* c) {
   MemoryConfig m;
   m.bias = c->bias;
   m.retention = c->retention;
-  m.p = c->p;
-  m.eps = c->eps;
   m.bias_param = c->bias == MIRAS_BIAS_ROBUST ? c->robust_delta : c->delta;
   m.ret_param = c->gamma;
-  m.kl_scale = c->kl_scale;
-  m.q_norm = c->q_norm;
-  m.eps_q = c->eps_q;
-  m.scale = c->scale;
-  m.chunk_size = c->chunk_size;
+#define MIRAS_COPY_(field) m.field = c->field;
+  MIRAS_CONFIG_SHARED_FIELDS(MIRAS_COPY_)
+#undef MIRAS_COPY_
   return m;
 }
 

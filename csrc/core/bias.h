@@ -6,6 +6,12 @@
 // sumsq = sum_i e_i^2, and their VJP needs edpsi = sum_i e_i * dpsi_i. Backends compute those
 // row reductions however suits them (a loop on the CPU, a warp/block reduction on the GPU) and
 // call the element functions below.
+//
+// The biases are listed in registry.h (codes, names, parameters, traits); each has its case in
+// bias_psi, bias_vjp_e and bias_vjp_param below, and the trait queries are checked against the
+// registry at compile time. (The switches are written out, not generated: these are the forms the
+// CUDA kernels were verified with on hardware, and a generated dispatch compiles to different
+// PTX — tools/ptx_compare.py.) docs/extending.md adds a bias step by step.
 #pragma once
 #include <cmath>
 
@@ -36,17 +42,32 @@ MIRAS_HD A smooth_sign(A x, A eps) {
   return t / m_sqrt(t * t + (eps / d) / d);
 }
 
-MIRAS_HD bool bias_needs_row_norm(int kind) {
+// Trait queries (registry.h's trait columns; checked below).
+MIRAS_HD constexpr bool bias_needs_row_norm(int kind) {
   return kind == kBiasHuberYaad || kind == kBiasHuberNorm || kind == kBiasRobust;
 }
 // The VJP of the norm-based biases needs edpsi = sum_i e_i dpsi_i over the row.
-MIRAS_HD bool bias_needs_edpsi(int kind) {
+MIRAS_HD constexpr bool bias_needs_edpsi(int kind) {
   return kind == kBiasHuberNorm || kind == kBiasRobust;
 }
-MIRAS_HD bool bias_has_param(int kind) {
+MIRAS_HD constexpr bool bias_has_param(int kind) {
   return kind == kBiasHuberYaad || kind == kBiasHuberCoord || kind == kBiasHuberNorm ||
          kind == kBiasRobust;
 }
+MIRAS_HD constexpr bool bias_psi_uses_v(int kind) { return kind == kBiasDot; }
+// Biases whose psi VJP is ill-conditioned in e (huber yaad: delta eps / (e^2 + eps)^{3/2} is
+// ~1/sqrt(eps) near e = 0): the tensor-core kernels split their operands into hi/lo halves.
+MIRAS_HD constexpr bool bias_needs_split(int kind) { return kind == kBiasHuberYaad; }
+
+#define MIRAS_BIAS_TRAITS_CHECK_(N, code, name, P, param, lo, open, ROW, ED, V, SPLIT)                \
+  static_assert(bias_needs_row_norm(kBias##N) == (ROW == 1), "registry.h vs bias_needs_row_norm: " name); \
+  static_assert(bias_needs_edpsi(kBias##N) == (ED == 1), "registry.h vs bias_needs_edpsi: " name);        \
+  static_assert(bias_psi_uses_v(kBias##N) == (V == 1), "registry.h vs bias_psi_uses_v: " name);           \
+  static_assert(bias_needs_split(kBias##N) == (SPLIT == 1), "registry.h vs bias_needs_split: " name);     \
+  static_assert(bias_has_param(kBias##N) == (P == 1) && (P == 1) == (sizeof(param) > 1),                 \
+                "registry.h vs bias_has_param: " name);
+MIRAS_BIASES(MIRAS_BIAS_TRAITS_CHECK_)
+#undef MIRAS_BIAS_TRAITS_CHECK_
 
 template <typename A>
 struct BiasArgs {
@@ -136,6 +157,5 @@ MIRAS_HD A bias_vjp_param(const BiasArgs<A>& b, A e, A dpsi, A sumsq) {
   }
 }
 
-MIRAS_HD bool bias_psi_uses_v(int kind) { return kind == kBiasDot; }
 
 }  // namespace miras

@@ -16,13 +16,15 @@
 namespace miras {
 
 inline const char* bias_name(int32_t b) {
-  static const char* const names[] = {"dot", "l2", "lp", "huber_yaad", "huber_coord", "huber_norm", "robust"};
-  return (b >= 0 && b < 7) ? names[b] : "?";
+#define MIRAS_NAME_(N, code, name, ...) name,
+  static const char* const names[] = {MIRAS_BIASES(MIRAS_NAME_)};
+  return bias_known(b) ? names[b] : "?";
 }
 
 inline const char* retention_name(int32_t r) {
-  static const char* const names[] = {"l2", "kl", "elastic_net", "lq"};
-  return (r >= 0 && r < 4) ? names[r] : "?";
+  static const char* const names[] = {MIRAS_RETENTIONS(MIRAS_NAME_)};
+#undef MIRAS_NAME_
+  return retention_known(r) ? names[r] : "?";
 }
 
 inline const char* dtype_short_name(int32_t d) {

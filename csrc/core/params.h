@@ -6,25 +6,34 @@
 #pragma once
 #include <cstdint>
 
+#include "registry.h"
+
 namespace miras {
 
 // ---- configuration enums (values are part of the op schema: keep them stable) ---------------
+// Generated from the lists of registry.h: kBias<Name> / kRet<Name>, and their counts.
 enum BiasKind : int32_t {
-  kBiasDot = 0,
-  kBiasL2 = 1,
-  kBiasLp = 2,
-  kBiasHuberYaad = 3,
-  kBiasHuberCoord = 4,
-  kBiasHuberNorm = 5,
-  kBiasRobust = 6,
+#define MIRAS_ENUM_(N, code, ...) kBias##N = code,
+  MIRAS_BIASES(MIRAS_ENUM_)
+#undef MIRAS_ENUM_
 };
 
 enum RetentionKind : int32_t {
-  kRetL2 = 0,
-  kRetKL = 1,
-  kRetElasticNet = 2,
-  kRetLq = 3,
+#define MIRAS_ENUM_(N, code, ...) kRet##N = code,
+  MIRAS_RETENTIONS(MIRAS_ENUM_)
+#undef MIRAS_ENUM_
 };
+
+#define MIRAS_COUNT_(...) +1
+constexpr int32_t kNumBiases = 0 MIRAS_BIASES(MIRAS_COUNT_);
+constexpr int32_t kNumRetentions = 0 MIRAS_RETENTIONS(MIRAS_COUNT_);
+#undef MIRAS_COUNT_
+#define MIRAS_CODE_CHECK_(N, code, ...) static_assert(code >= 0 && code < kNumBiases, "bias codes are 0..n-1");
+MIRAS_BIASES(MIRAS_CODE_CHECK_)
+#undef MIRAS_CODE_CHECK_
+
+inline constexpr bool bias_known(int32_t b) { return b >= 0 && b < kNumBiases; }
+inline constexpr bool retention_known(int32_t r) { return r >= 0 && r < kNumRetentions; }
 
 enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -42,6 +51,12 @@ struct MemoryConfig {
   double scale = 1.0;        // query scale (q~ = scale * q)
   int64_t chunk_size = 64;   // C >= 1
 };
+
+// The fields of a MemoryConfig as the op schema carries them: two arrays, int64 and float64, in
+// this order (problem.h: decode_config; Python: miras._C.config_fields()). A new scalar option is a
+// field above and a line here; no front end enumerates them.
+#define MIRAS_CONFIG_INTS(X) X(bias) X(retention) X(chunk_size)
+#define MIRAS_CONFIG_FLOATS(X) X(p) X(eps) X(bias_param) X(ret_param) X(kl_scale) X(q_norm) X(eps_q) X(scale)
 
 // ---- chunked forward ------------------------------------------------------------------------
 // Layout (all contiguous, row-major):

@@ -37,29 +37,32 @@ inline Problem make_problem(int64_t B, int64_t T, int64_t H, int64_t Dk, int64_t
   return pr;
 }
 
-// The op's scalar attributes (the schema order of torch.ops.miras.chunk_fwd) as a MemoryConfig.
-// Unknown bias/retention codes are rejected here; value ranges are the backends' checks.
-inline MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
-                                double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
-                                int64_t chunk_size) {
-  if (bias < kBiasDot || bias > kBiasRobust)
-    throw std::invalid_argument("miras: unknown bias code " + std::to_string(bias));
-  if (retention < kRetL2 || retention > kRetLq)
-    throw std::invalid_argument("miras: unknown retention code " + std::to_string(retention));
-  if (chunk_size < 1)
-    throw std::invalid_argument("miras: chunk_size must be >= 1, got " + std::to_string(chunk_size));
+#define MIRAS_ONE_(f) +1
+constexpr size_t kConfigInts = 0 MIRAS_CONFIG_INTS(MIRAS_ONE_);
+constexpr size_t kConfigFloats = 0 MIRAS_CONFIG_FLOATS(MIRAS_ONE_);
+#undef MIRAS_ONE_
+
+// The op's configuration arrays (params.h: MIRAS_CONFIG_INTS / MIRAS_CONFIG_FLOATS) as a
+// MemoryConfig. Wrong lengths and unknown bias/retention codes are rejected here; value ranges are
+// config_error's (and the backends') checks.
+inline MemoryConfig decode_config(const int64_t* ints, size_t n_ints, const double* floats, size_t n_floats) {
+  if (n_ints != kConfigInts || n_floats != kConfigFloats)
+    throw std::invalid_argument("miras: the configuration arrays have " + std::to_string(n_ints) + " ints and " +
+                                std::to_string(n_floats) + " floats, expected " + std::to_string(kConfigInts) +
+                                " and " + std::to_string(kConfigFloats) + " (miras._C.config_fields())");
   MemoryConfig c;
-  c.bias = static_cast<int32_t>(bias);
-  c.retention = static_cast<int32_t>(retention);
-  c.p = p;
-  c.eps = eps;
-  c.bias_param = bias_scalar;
-  c.ret_param = ret_scalar;
-  c.kl_scale = kl_scale;
-  c.q_norm = q_norm;
-  c.eps_q = eps_q;
-  c.scale = scale;
-  c.chunk_size = chunk_size;
+  size_t i = 0, f = 0;
+#define MIRAS_GET_(field) c.field = static_cast<decltype(c.field)>(ints[i++]);
+  MIRAS_CONFIG_INTS(MIRAS_GET_)
+#undef MIRAS_GET_
+#define MIRAS_GET_(field) c.field = floats[f++];
+  MIRAS_CONFIG_FLOATS(MIRAS_GET_)
+#undef MIRAS_GET_
+  if (!bias_known(c.bias)) throw std::invalid_argument("miras: unknown bias code " + std::to_string(c.bias));
+  if (!retention_known(c.retention))
+    throw std::invalid_argument("miras: unknown retention code " + std::to_string(c.retention));
+  if (c.chunk_size < 1)
+    throw std::invalid_argument("miras: chunk_size must be >= 1, got " + std::to_string(c.chunk_size));
   return c;
 }
 
@@ -83,9 +86,8 @@ inline const char* dtype_name(int32_t d) {
 inline std::string config_error(const MemoryConfig& c, bool bias_tensor, bool ret_tensor) {
   auto num = [](double x) { return std::to_string(x); };
   if (c.chunk_size < 1) return "chunk_size must be >= 1 (got " + std::to_string(c.chunk_size) + ")";
-  if (c.bias < kBiasDot || c.bias > kBiasRobust) return "bias: unknown kind " + std::to_string(c.bias);
-  if (c.retention < kRetL2 || c.retention > kRetLq)
-    return "retention: unknown kind " + std::to_string(c.retention);
+  if (!bias_known(c.bias)) return "bias: unknown kind " + std::to_string(c.bias);
+  if (!retention_known(c.retention)) return "retention: unknown kind " + std::to_string(c.retention);
   if (c.retention == kRetLq) {
     if (!(c.q_norm >= 2.0)) return "q (lq retention) must be >= 2 (got " + num(c.q_norm) + ")";
     if (!(c.eps_q > 0.0)) return "eps_q (lq retention) must be > 0 (got " + num(c.eps_q) + ")";

@@ -15,10 +15,6 @@
 
 namespace miras {
 
-MIRAS_HD bool retention_is_linear(int kind) { return kind == kRetL2; }
-MIRAS_HD bool retention_has_map(int kind) { return kind == kRetKL || kind == kRetLq; }
-MIRAS_HD bool retention_has_param(int kind) { return kind == kRetElasticNet; }
-
 // ---- step --------------------------------------------------------------------------------------
 template <typename A>
 MIRAS_HD A soft_threshold(A z, A gamma) {

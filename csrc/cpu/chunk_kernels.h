@@ -454,13 +454,11 @@ inline void psi_row_k(const BiasArgs<T>& b0, const T* MIRAS_RESTRICT e, const T*
 template <typename T>
 inline void psi_row(const BiasArgs<T>& b, const T* e, const T* v, T sumsq, T* psi, int64_t Dv) {
   switch (b.kind) {
-    case kBiasDot: psi_row_k<T, kBiasDot>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasL2: psi_row_k<T, kBiasL2>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasLp: psi_row_k<T, kBiasLp>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasHuberYaad: psi_row_k<T, kBiasHuberYaad>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasHuberCoord: psi_row_k<T, kBiasHuberCoord>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasHuberNorm: psi_row_k<T, kBiasHuberNorm>(b, e, v, sumsq, psi, Dv); break;
-    case kBiasRobust: psi_row_k<T, kBiasRobust>(b, e, v, sumsq, psi, Dv); break;
+#define MIRAS_CASE_(N, ...) \
+  case kBias##N:            \
+    return psi_row_k<T, kBias##N>(b, e, v, sumsq, psi, Dv);
+    MIRAS_BIASES(MIRAS_CASE_)
+#undef MIRAS_CASE_
     default: break;
   }
 }
@@ -484,13 +482,11 @@ template <typename T>
 inline T bias_vjp_row(const BiasArgs<T>& b, const T* e, const T* dpsi, T sumsq, T* de,
                       int64_t Dv) {
   switch (b.kind) {
-    case kBiasDot: return bias_vjp_row_k<T, kBiasDot>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasL2: return bias_vjp_row_k<T, kBiasL2>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasLp: return bias_vjp_row_k<T, kBiasLp>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasHuberYaad: return bias_vjp_row_k<T, kBiasHuberYaad>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasHuberCoord: return bias_vjp_row_k<T, kBiasHuberCoord>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasHuberNorm: return bias_vjp_row_k<T, kBiasHuberNorm>(b, e, dpsi, sumsq, de, Dv);
-    case kBiasRobust: return bias_vjp_row_k<T, kBiasRobust>(b, e, dpsi, sumsq, de, Dv);
+#define MIRAS_CASE_(N, ...) \
+  case kBias##N:            \
+    return bias_vjp_row_k<T, kBias##N>(b, e, dpsi, sumsq, de, Dv);
+    MIRAS_BIASES(MIRAS_CASE_)
+#undef MIRAS_CASE_
     default: return T(0);
   }
 }
@@ -527,7 +523,7 @@ template <typename T>
 void prep_chunk(const Ctx<T>& cx, Work<T>& w, int64_t Lc) {
   const int64_t Dk = cx.Dk, Dv = cx.Dv;
   const Cfg<T>& cf = cx.cf;
-  const bool dot = cf.bias == kBiasDot;
+  const bool dot = bias_psi_uses_v(cf.bias);
   if (!dot) {
     gemm_nn<T>(Lc, Dv, Dk, w.Kc.data(), Dk, w.WA.data(), Dv, w.E.data(), Dv, false);
     for (int64_t t = 0; t < Lc; ++t) {
@@ -1045,7 +1041,7 @@ void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, i
   const int64_t H = cx.H, Dk = cx.Dk, Dv = cx.Dv, DkDv = Dk * Dv, C = cf.C;
   const int64_t begin = cx.begin(n), L = cx.len(n), off = cx.state_off(n, h);
   const int64_t AW = Work<T>::aux_width(Dv);
-  const bool dot_bias = cf.bias == kBiasDot;
+  const bool dot_bias = bias_psi_uses_v(cf.bias);
   T* dX = bw.dX.data();
   T* dP = MOM ? bw.dP.data() : nullptr;
   if (out.dXT) std::memcpy(dX, out.dXT + off, sizeof(T) * DkDv);

@@ -144,7 +144,7 @@ void bwd_seq_l2_dual(const Ctx<T>& cx, Work<T>& w, L2DualWork<T>& z, const BwdOu
   const int64_t H = cx.H, Dk = cx.Dk, Dv = cx.Dv, DkDv = Dk * Dv, C = cf.C;
   const int64_t begin = cx.begin(n), L = cx.len(n), off = cx.state_off(n, h);
   const int64_t LM = z.LM;
-  const bool dot_bias = cf.bias == kBiasDot;
+  const bool dot_bias = bias_psi_uses_v(cf.bias);
   const bool has_param = bias_has_param(cf.bias);
   T* dW = z.dW.data();
   T* dWn = z.dWn.data();

@@ -347,7 +347,7 @@ void mlp_prep_chunk_bwd(const Ctx<T>& cx, const MCtx<T>& mc, const Work<T>& w, M
                         int64_t Lc) {
   const int64_t H = cx.H, Dk = cx.Dk, Dh = mc.Dh, Dv = cx.Dv, S1 = mc.S1;
   const Cfg<T>& cf = cx.cf;
-  const bool dot_bias = cf.bias == kBiasDot;
+  const bool dot_bias = bias_psi_uses_v(cf.bias);
   const T* lw = mc.lnw ? mc.lnw + h * Dv : nullptr;
   const bool want_w = out.dlnw_part != nullptr, want_b = out.dlnb_part != nullptr;
   const T* WA1t = mw.WA1t.data();

@@ -807,23 +807,8 @@ void launch_bwd(const ChunkBwdParams& b, void* workspace, cudaStream_t stream) {
     auto kern = miras_chunk_l2_bwd_state<T, DK, DV>;
     set_smem(kern, smem, "miras_chunk_l2_bwd_state");
     const int use_cluster = NV > 1 ? 1 : 0;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.N * p.H * NV));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = NV;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = use_cluster ? 1 : 0;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, kern, b, w, use_cluster);
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("miras: CUDA launch of miras_chunk_l2_bwd_state failed: ") +
-                               cudaGetErrorString(err));
-    check_launch("miras_chunk_l2_bwd_state");
+    launch_state_kernel(kern, "miras_chunk_l2_bwd_state", static_cast<unsigned>(p.N * p.H * NV),
+                        use_cluster ? NV : 1, smem, stream, b, w, use_cluster);
   }
   const int64_t slots = slots_of(p);
   if (slots > 0 && p.H > 0) {

@@ -29,6 +29,7 @@
 #include "../core/bias.h"
 #include "../core/params.h"
 #include "device.cuh"
+#include "kernels.h"
 
 namespace miras {
 namespace cuda {
@@ -188,10 +189,10 @@ __device__ __forceinline__ void load_tile_f2t_lo(T* dst, int ldd, const float* s
   }
 }
 
-// Biases whose psi VJP is ill-conditioned in e (huber yaad: delta eps / (e^2 + eps)^{3/2} is
-// ~1/sqrt(eps) near e = 0) get E = K W0 - V and the state update with a hi/lo split of the fp32
-// operand (two MMAs), so that E and the state carry ~16 bits instead of bf16's 8.
-MIRAS_HD bool bias_needs_split(int kind) { return kind == kBiasHuberYaad; }
+// Biases whose psi VJP is ill-conditioned in e (bias_needs_split, core/bias.h: huber yaad, whose
+// delta eps / (e^2 + eps)^{3/2} is ~1/sqrt(eps) near e = 0) get E = K W0 - V and the state update
+// with a hi/lo split of the fp32 operand (two MMAs), so that E and the state carry ~16 bits
+// instead of bf16's 8.
 
 // T global rows -> fp32 shared, multiplied by `mul` (rows >= nvalid are 0).
 template <typename T>
@@ -471,6 +472,30 @@ inline void set_smem(K kern, size_t bytes, const char* name) {
 }
 
 inline size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
+
+// Host: launches a sequential (state) kernel on `blocks` CTAs of kThreads, in clusters of
+// `cluster` CTAs along x when cluster > 1 (else an ordinary launch); throws a clear error naming
+// the kernel when the launch fails.
+template <typename... P, typename... A>
+inline void launch_state_kernel(void (*kern)(P...), const char* name, unsigned blocks, unsigned cluster, size_t smem,
+                                cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kern, static_cast<A&&>(args)...);
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("miras: CUDA launch of ") + name + " failed: " + cudaGetErrorString(err));
+  check_launch(name);
+}
 
 // ---- warp reductions -----------------------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float x) {

@@ -411,23 +411,8 @@ void launch_fwd(const ChunkFwdParams& p, void* workspace, cudaStream_t stream) {
     auto kern = miras_chunk_l2_fwd_state<T, DK, DV>;
     set_smem(kern, smem, "miras_chunk_l2_fwd_state");
     const int use_cluster = (NV > 1 && bias_needs_row_norm(p.cfg.bias)) ? 1 : 0;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.N * p.H * NV));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = NV;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = use_cluster ? 1 : 0;
-    cudaError_t err = cudaLaunchKernelEx(&cfg, kern, p, cx, cp, psi, use_cluster);
-    if (err != cudaSuccess)
-      throw std::runtime_error(std::string("miras: CUDA launch of miras_chunk_l2_fwd_state failed: ") +
-                               cudaGetErrorString(err));
-    check_launch("miras_chunk_l2_fwd_state");
+    launch_state_kernel(kern, "miras_chunk_l2_fwd_state", static_cast<unsigned>(p.N * p.H * NV),
+                        use_cluster ? NV : 1, smem, stream, p, cx, cp, psi, use_cluster);
   }
   const int64_t slots = slots_of(p);
   if (slots > 0 && p.H > 0) {
@@ -461,7 +446,7 @@ const char* chunk_l2_unsupported(const ChunkFwdParams& p) {
     return "the chunked tensor-core path needs head dims Dk, Dv in {64, 128}";
   const int64_t C = p.cfg.chunk_size;
   if (!(C == 16 || C == 32 || C == 64)) return "the chunked tensor-core path needs chunk_size 16, 32 or 64";
-  if (p.cfg.bias < kBiasDot || p.cfg.bias > kBiasRobust) return "unknown bias kind";
+  if (!bias_known(p.cfg.bias)) return "unknown bias kind";
   if (p.A0) return "the chunked tensor-core path does not take a separate first-chunk anchor (A0)";
   if (!p.q || !p.k || !p.v || !p.lr || !p.alpha) return "q, k, v, lr and alpha are required";
   if (p.N < 0 || p.T < 0 || p.H <= 0) return "bad sizes";

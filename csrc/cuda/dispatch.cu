@@ -30,56 +30,72 @@ void check_launch(const char* kernel_name) {
 
 namespace {
 
-enum class Family { kChunkL2, kScan };
+// The kernel families of the linear memory, in dispatch priority order (the first that supports a
+// call and is enabled runs it). A new family is a row here (kernels.h declares its entry points,
+// csrc/cuda/families.txt lists its files, verification.h its hardware runs).
+struct Family {
+  const char* name;  // families.txt / verification.h / NVTX ranges
+  const char* path;  // its MIRAS_CUDA_PATH value
+  const char* (*unsupported)(const ChunkFwdParams&);
+  size_t (*fwd_workspace)(const ChunkFwdParams&);
+  size_t (*bwd_workspace)(const ChunkBwdParams&);
+  void (*fwd)(const ChunkFwdParams&, void*, cudaStream_t);
+  void (*bwd)(const ChunkBwdParams&, void*, cudaStream_t);
+};
+
+const Family kFamilies[] = {
+    {"chunk_l2", "chunk", chunk_l2_unsupported, chunk_l2_fwd_workspace, chunk_l2_bwd_workspace, chunk_l2_fwd,
+     chunk_l2_bwd},
+    {"scan", "scan", scan_unsupported, scan_fwd_workspace, scan_bwd_workspace, scan_fwd, scan_bwd},
+};
 
 const char* path_override() {
   const char* s = std::getenv("MIRAS_CUDA_PATH");
   return (s && *s) ? s : "auto";
 }
 
-// The family for p; nullptr-free: on refusal returns false with every reason in *why.
-bool choose(const ChunkFwdParams& p, Family* out, std::string* why) {
-  const char* mode = path_override();
-  const char* chunk_why = chunk_l2_unsupported(p);
-  const char* scan_why = scan_unsupported(p);
-  const char* chunk_off = nullptr;
-  const char* scan_off = nullptr;
-  const bool chunk_on = family_enabled("chunk_l2", &chunk_off);
-  const bool scan_on = family_enabled("scan", &scan_off);
-  if (std::strcmp(mode, "scan") == 0) {
-    if (scan_why) return *why = std::string("MIRAS_CUDA_PATH=scan: ") + scan_why, false;
-    if (!scan_on) return *why = std::string("MIRAS_CUDA_PATH=scan: the scan kernel family is disabled: ") + scan_off, false;
-    return *out = Family::kScan, true;
+// The family for p, or nullptr with every reason it is refused in *why.
+const Family* choose(const ChunkFwdParams& p, std::string* why) {
+  const std::string mode = path_override();
+  std::string reasons;
+  for (const Family& f : kFamilies) {
+    if (mode != "auto" && mode != f.path) continue;
+    const char* no = f.unsupported(p);
+    const char* off = nullptr;
+    const bool on = family_enabled(f.name, &off);
+    if (!no && on) return &f;
+    if (mode != "auto") {
+      *why = "MIRAS_CUDA_PATH=" + mode + ": " +
+             (no ? std::string(no) : std::string("the ") + f.name + " kernel family is disabled: " + off);
+      return nullptr;
+    }
+    if (!no && reasons.empty()) reasons = std::string("the ") + f.name + " kernel family that runs this "
+                                          "configuration is disabled: " + off;
+    if (no && f.path == std::string("scan") && reasons.empty()) reasons = std::string("no CUDA kernel for this "
+                                                                                      "configuration: ") + no;
   }
-  if (std::strcmp(mode, "chunk") == 0) {
-    if (chunk_why) return *why = std::string("MIRAS_CUDA_PATH=chunk: ") + chunk_why, false;
-    if (!chunk_on)
-      return *why = std::string("MIRAS_CUDA_PATH=chunk: the chunk_l2 kernel family is disabled: ") + chunk_off, false;
-    return *out = Family::kChunkL2, true;
+  if (mode != "auto" && reasons.empty()) {
+    *why = "MIRAS_CUDA_PATH=" + mode + ": unknown family (use chunk, scan or auto)";
+    return nullptr;
   }
-  if (!chunk_why && chunk_on) return *out = Family::kChunkL2, true;
-  if (!scan_why && scan_on) return *out = Family::kScan, true;
-  if (!chunk_why) return *why = std::string("the chunk_l2 kernel family that runs this configuration is disabled: ") +
-                                chunk_off, false;
-  if (!scan_why)
-    return *why = std::string("the scan kernel family that runs this configuration is disabled: ") + scan_off, false;
-  return *why = std::string("no CUDA kernel for this configuration: ") + scan_why, false;
+  *why = reasons;
+  return nullptr;
 }
 
 // Returns the family for p, or throws std::invalid_argument with every reason it is refused.
-Family pick(const ChunkFwdParams& p) {
-  Family f = Family::kScan;
+const Family& pick(const ChunkFwdParams& p) {
   std::string why;
-  if (!choose(p, &f, &why)) throw std::invalid_argument(why);
-  return f;
+  const Family* f = choose(p, &why);
+  if (!f) throw std::invalid_argument(why);
+  return *f;
 }
 
 // An NVTX range named after the op and its variant (core/names.h), e.g.
 // "miras.chunk_fwd[chunk_l2 bias=lp ret=l2 mom C=64 dk=128 dv=128 bf16]".
 struct NvtxRange {
-  NvtxRange(const char* op, const ChunkFwdParams& p, Family f) {
+  NvtxRange(const char* op, const ChunkFwdParams& p, const Family& f) {
     char buf[256];
-    format_variant(buf, sizeof(buf), op, f == Family::kChunkL2 ? "chunk_l2" : "scan", p);
+    format_variant(buf, sizeof(buf), op, f.name, p);
     nvtxRangePushA(buf);
   }
   ~NvtxRange() { nvtxRangePop(); }
@@ -91,38 +107,23 @@ struct NvtxRange {
 const char* cuda_unsupported(const ChunkFwdParams& p) {
   if (p.dtype == kFloat64) return "float64 inputs run on the CPU only; use float32, float16 or bfloat16 on CUDA";
   static thread_local std::string msg;
-  cuda::Family f;
-  if (cuda::choose(p, &f, &msg)) return nullptr;
-  return msg.c_str();
+  return cuda::choose(p, &msg) ? nullptr : msg.c_str();
 }
 
-size_t chunk_fwd_cuda_workspace(const ChunkFwdParams& p) {
-  return cuda::pick(p) == cuda::Family::kChunkL2 ? cuda::chunk_l2_fwd_workspace(p) : cuda::scan_fwd_workspace(p);
-}
+size_t chunk_fwd_cuda_workspace(const ChunkFwdParams& p) { return cuda::pick(p).fwd_workspace(p); }
 
-size_t chunk_bwd_cuda_workspace(const ChunkBwdParams& p) {
-  return cuda::pick(p.fwd) == cuda::Family::kChunkL2 ? cuda::chunk_l2_bwd_workspace(p)
-                                                     : cuda::scan_bwd_workspace(p);
-}
+size_t chunk_bwd_cuda_workspace(const ChunkBwdParams& p) { return cuda::pick(p.fwd).bwd_workspace(p); }
 
 void chunk_fwd_cuda(const ChunkFwdParams& p, void* workspace, void* stream) {
-  const cuda::Family f = cuda::pick(p);
+  const cuda::Family& f = cuda::pick(p);
   cuda::NvtxRange range("chunk_fwd", p, f);
-  auto s = static_cast<cudaStream_t>(stream);
-  if (f == cuda::Family::kChunkL2)
-    cuda::chunk_l2_fwd(p, workspace, s);
-  else
-    cuda::scan_fwd(p, workspace, s);
+  f.fwd(p, workspace, static_cast<cudaStream_t>(stream));
 }
 
 void chunk_bwd_cuda(const ChunkBwdParams& p, void* workspace, void* stream) {
-  const cuda::Family f = cuda::pick(p.fwd);
+  const cuda::Family& f = cuda::pick(p.fwd);
   cuda::NvtxRange range("chunk_bwd", p.fwd, f);
-  auto s = static_cast<cudaStream_t>(stream);
-  if (f == cuda::Family::kChunkL2)
-    cuda::chunk_l2_bwd(p, workspace, s);
-  else
-    cuda::scan_bwd(p, workspace, s);
+  f.bwd(p, workspace, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace miras

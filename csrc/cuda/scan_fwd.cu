@@ -175,8 +175,8 @@ const char* scan_unsupported(const ChunkFwdParams& p) {
     return msg;
   }
   if (p.cfg.chunk_size < 1) return "chunk_size must be >= 1";
-  if (p.cfg.bias < kBiasDot || p.cfg.bias > kBiasRobust) return "unknown attentional bias kind";
-  if (p.cfg.retention < kRetL2 || p.cfg.retention > kRetLq) return "unknown retention kind";
+  if (!bias_known(p.cfg.bias)) return "unknown attentional bias kind";
+  if (!retention_known(p.cfg.retention)) return "unknown retention kind";
   if (p.lr == nullptr) return "the CUDA scan path needs the lr gate tensor";
   if (p.N < 0 || p.T < 0 || p.H < 0) return "negative sizes";
   if (p.N * p.H * ((p.Dv + scan::kTileCols - 1) / scan::kTileCols) > 2147483647LL)

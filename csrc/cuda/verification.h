@@ -40,16 +40,20 @@ struct HardwareRun {
 };
 
 // chunk_l2 and scan: run 3 of bench/RESULTS.md §2 (commit ea605d0). Their files changed after it
-// only by the emulator hooks of csrc/cuda/device.cuh (MIRAS_DYNAMIC_SMEM, MIRAS_LAUNCH,
-// MIRAS_MUTANT), which expand to the same CUDA code: the PTX of ea605d0's kernel files and of these
-// is identical (nvcc 13.0, sm_90a; compared 2026-12-07). The shared math of csrc/core (bias.h,
-// retention.h: the Huber-tie, smooth-sign and lq-overflow fixes of 2026-11-26) changed after the
-// run too and is verified on the CPU and in the emulator only (see the closing notes).
+// only by edits that leave their PTX identical (tools/ptx_compare.py, nvcc 13.0, sm_90a):
+//   - the emulator hooks of csrc/cuda/device.cuh (MIRAS_DYNAMIC_SMEM, MIRAS_LAUNCH, MIRAS_MUTANT):
+//     ea605d0's kernel files and ef6355b's give identical PTX (2026-12-07);
+//   - the registry (registry.h: bias_known in the support checks, bias_needs_split moved to
+//     core/bias.h) and the launch helper launch_state_kernel (host code): ef6355b's sources and
+//     these give identical PTX for every family (`tools/ptx_compare.py --rev ef6355b`, 2026-12-07).
+// The shared math of csrc/core (bias.h, retention.h: the Huber-tie, smooth-sign and lq-overflow
+// fixes of 2026-11-26) changed between ea605d0 and ef6355b and is verified on the CPU and in the
+// emulator only (see the closing notes).
 // capi (the C ABI's two bookkeeping kernels): never ran on hardware.
 inline const HardwareRun kHardwareRuns[] = {
-    {"chunk_l2", MIRAS_FP_CHUNK_L2, 0xd7b121a44c646513ull, "NVIDIA H200", "ea605d0", "2026-11-26",
+    {"chunk_l2", MIRAS_FP_CHUNK_L2, 0x89da0129282d82d8ull, "NVIDIA H200", "ea605d0", "2026-11-26",
      "tests/test_cuda.py: 111 passed, 22 skipped (run 3)"},
-    {"scan", MIRAS_FP_SCAN, 0x0f90f2eb8b8d4a5bull, "NVIDIA H200", "ea605d0", "2026-11-26",
+    {"scan", MIRAS_FP_SCAN, 0x7ad7e16e8587a228ull, "NVIDIA H200", "ea605d0", "2026-11-26",
      "tests/test_cuda.py: 111 passed, 22 skipped (run 3)"},
     {"capi", MIRAS_FP_CAPI, 0, "", "", "", "never ran on hardware"},
 };

@@ -7,9 +7,9 @@
 //              outputs o XT PT AT chunk_X chunk_P                                        (6)
 //   chunk_bwd  inputs  dO dXT dPT, the 12 forward inputs, chunk_X chunk_P                (17)
 //              outputs dq dk dv dlr dalpha dmomentum dbias_param dret_param dX0 dP0 dA0  (11)
-//   attributes bias retention chunk_size (int64), p eps bias_scalar ret_scalar kl_scale q_norm
-//              eps_q scale (float64), and for chunk_fwd save_states (bool) — the scalar
-//              arguments of torch.ops.miras.chunk_fwd, with the same meaning.
+//   attributes icfg (int64 array) and fcfg (float64 array) — the configuration arrays of
+//              torch.ops.miras.chunk_fwd (csrc/core/params.h's field lists) — and for chunk_fwd
+//              save_states (bool).
 // An absent optional input or output is a 1-D array of size 0 (every real one has rank 3 or 4,
 // and a real cu_seqlens has at least 2 entries). Shapes, dtypes and layouts are params.h's; the
 // values of the gates are not checked here (the Python layer does that).
@@ -133,24 +133,13 @@ ffi::Error attr(const ffi::Dictionary& attrs, const char* name, T& value) {
     if (miras_err_.failure()) return miras_err_; \
   } while (0)
 
-// The scalar configuration (make_config of csrc/core/problem.h, shared with the torch glue).
+// The configuration (decode_config of csrc/core/problem.h, shared with the torch glue).
 inline ffi::Error read_config(const ffi::Dictionary& a, MemoryConfig& cfg) {
-  int64_t bias = 0, retention = 0, chunk_size = 0;
-  double p = 0, eps = 0, bias_scalar = 0, ret_scalar = 0, kl_scale = 0, q_norm = 0, eps_q = 0, scale = 0;
-  MIRAS_FFI_TRY(attr(a, "bias", bias));
-  MIRAS_FFI_TRY(attr(a, "retention", retention));
-  MIRAS_FFI_TRY(attr(a, "chunk_size", chunk_size));
-  MIRAS_FFI_TRY(attr(a, "p", p));
-  MIRAS_FFI_TRY(attr(a, "eps", eps));
-  MIRAS_FFI_TRY(attr(a, "bias_scalar", bias_scalar));
-  MIRAS_FFI_TRY(attr(a, "ret_scalar", ret_scalar));
-  MIRAS_FFI_TRY(attr(a, "kl_scale", kl_scale));
-  MIRAS_FFI_TRY(attr(a, "q_norm", q_norm));
-  MIRAS_FFI_TRY(attr(a, "eps_q", eps_q));
-  MIRAS_FFI_TRY(attr(a, "scale", scale));
-  return guarded([&] {
-    cfg = make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size);
-  });
+  ffi::Span<const int64_t> ints;
+  ffi::Span<const double> floats;
+  MIRAS_FFI_TRY(attr(a, "icfg", ints));
+  MIRAS_FFI_TRY(attr(a, "fcfg", floats));
+  return guarded([&] { cfg = decode_config(ints.begin(), ints.size(), floats.begin(), floats.size()); });
 }
 
 // Dtypes per platform (params.h): CPU — every floating array in q's dtype, float32 or float64;

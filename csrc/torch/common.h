@@ -16,7 +16,7 @@
 namespace miras {
 namespace torch_glue {
 
-// Problem (sizes), make_config, config_error and set_problem are csrc/core/problem.h, shared with
+// Problem (sizes), decode_config, config_error and set_problem are csrc/core/problem.h, shared with
 // the C ABI and the JAX FFI.
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
@@ -26,9 +26,8 @@ void check_gate_like(const c10::optional<at::Tensor>& t, const char* name, const
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens,
                      int64_t chunk_size);
 void check_state(const c10::optional<at::Tensor>& s, const char* name, const Problem& pr, const at::Tensor& q);
-MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
-                         double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
-                         int64_t chunk_size);
+// The schema's configuration arrays (int[] icfg, float[] fcfg: core/params.h's field lists).
+MemoryConfig config_of(c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg);
 const void* opt_ptr(const c10::optional<at::Tensor>& t);
 c10::optional<at::Tensor> opt_to(const c10::optional<at::Tensor>& t, at::ScalarType dt);
 

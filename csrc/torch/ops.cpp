@@ -93,12 +93,9 @@ void check_state(const c10::optional<at::Tensor>& s, const char* name, const Pro
               s->device());
 }
 
-MemoryConfig make_config(int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
-                         double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
-                         int64_t chunk_size) {
+MemoryConfig config_of(c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg) {
   try {  // (an unknown code stays a RuntimeError here, as before the check moved to core)
-    return miras::make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale,
-                              chunk_size);
+    return decode_config(icfg.data(), icfg.size(), fcfg.data(), fcfg.size());
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, e.what());
   }
@@ -206,22 +203,34 @@ void run_bwd(const ChunkBwdParams& prm, const at::Tensor& q) {
   }
 }
 
+// The checks both ops share; caps cfg.chunk_size (effective_chunk) and returns the sizes.
+Problem check_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lr,
+                   const at::Tensor& alpha, const c10::optional<at::Tensor>& momentum,
+                   const c10::optional<at::Tensor>& bias_param, const c10::optional<at::Tensor>& ret_param,
+                   const c10::optional<at::Tensor>& X0, const c10::optional<at::Tensor>& P0,
+                   const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& cu_seqlens,
+                   MemoryConfig& cfg) {
+  check_common(q, k, v, lr, alpha, momentum, cu_seqlens, cfg.chunk_size);
+  check_gate_like(bias_param, "bias_param", q);
+  check_gate_like(ret_param, "ret_param", q);
+  cfg.chunk_size = effective_chunk(cfg.chunk_size, q.size(1));
+  Problem pr = make_problem(q, v, cu_seqlens, cfg.chunk_size);
+  check_state(X0, "initial_state.X", pr, q);
+  check_state(P0, "initial_state.P", pr, q);
+  check_state(A0, "initial_state.anchor", pr, q);
+  return pr;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_fwd_impl(
     const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& lr_,
     const at::Tensor& alpha_, const c10::optional<at::Tensor>& momentum_,
     const c10::optional<at::Tensor>& bias_param_, const c10::optional<at::Tensor>& ret_param_,
     const c10::optional<at::Tensor>& X0_, const c10::optional<at::Tensor>& P0_,
-    const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_, int64_t bias,
-    int64_t retention, double p, double eps, double bias_scalar, double ret_scalar, double kl_scale,
-    double q_norm, double eps_q, double scale, int64_t chunk_size_, bool save_states) {
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
-  check_gate_like(bias_param_, "bias_param", q_);
-  check_gate_like(ret_param_, "ret_param", q_);
-  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
-  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
-  check_state(X0_, "initial_state.X", pr, q_);
-  check_state(P0_, "initial_state.P", pr, q_);
-  check_state(A0_, "initial_state.anchor", pr, q_);
+    const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_, c10::IntArrayRef icfg,
+    c10::ArrayRef<double> fcfg, bool save_states) {
+  MemoryConfig cfg = config_of(icfg, fcfg);
+  const Problem pr = check_call(q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_,
+                                cu_seqlens_, cfg);
   const Types ty = types_for(q_);
   const bool mom = momentum_.has_value();
   const auto so = q_.options().dtype(ty.state);
@@ -240,8 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor cP = (save_states && mom) ? slots() : at::empty({0}, so);
 
   ChunkFwdParams prm;
-  fill(prm, pr, ty, in,
-       make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size));
+  fill(prm, pr, ty, in, cfg);
   prm.o = o.data_ptr();
   prm.XT = XT.data_ptr();
   prm.PT = mom ? PT.data_ptr() : nullptr;
@@ -270,17 +278,10 @@ std::vector<at::Tensor> chunk_bwd_impl(
     const c10::optional<at::Tensor>& bias_param_, const c10::optional<at::Tensor>& ret_param_,
     const c10::optional<at::Tensor>& X0_, const c10::optional<at::Tensor>& P0_,
     const c10::optional<at::Tensor>& A0_, const c10::optional<at::Tensor>& cu_seqlens_,
-    const at::Tensor& chunk_X_, const at::Tensor& chunk_P_, int64_t bias, int64_t retention, double p,
-    double eps, double bias_scalar, double ret_scalar, double kl_scale, double q_norm, double eps_q,
-    double scale, int64_t chunk_size_) {
-  check_common(q_, k_, v_, lr_, alpha_, momentum_, cu_seqlens_, chunk_size_);
-  check_gate_like(bias_param_, "bias_param", q_);
-  check_gate_like(ret_param_, "ret_param", q_);
-  const int64_t chunk_size = effective_chunk(chunk_size_, q_.size(1));
-  Problem pr = make_problem(q_, v_, cu_seqlens_, chunk_size);
-  check_state(X0_, "initial_state.X", pr, q_);
-  check_state(P0_, "initial_state.P", pr, q_);
-  check_state(A0_, "initial_state.anchor", pr, q_);
+    const at::Tensor& chunk_X_, const at::Tensor& chunk_P_, c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg) {
+  MemoryConfig cfg = config_of(icfg, fcfg);
+  const Problem pr = check_call(q_, k_, v_, lr_, alpha_, momentum_, bias_param_, ret_param_, X0_, P0_, A0_,
+                                cu_seqlens_, cfg);
   check_state(dXT_, "dXT (the gradient of the final X)", pr, q_);
   check_state(dPT_, "dPT (the gradient of the final P)", pr, q_);
   const Types ty = types_for(q_);
@@ -305,8 +306,7 @@ std::vector<at::Tensor> chunk_bwd_impl(
   at::Tensor cX = chunk_X_.to(ty.state).contiguous(), cP = chunk_P_.to(ty.state).contiguous();
 
   ChunkBwdParams b;
-  fill(b.fwd, pr, ty, in,
-       make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size));
+  fill(b.fwd, pr, ty, in, cfg);
   b.fwd.chunk_X = cX.data_ptr();
   b.fwd.chunk_P = mom ? cP.data_ptr() : nullptr;
 
@@ -359,16 +359,12 @@ std::vector<at::Tensor> chunk_bwd_impl(
 TORCH_LIBRARY(miras, m) {
   m.def(
       "chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor lr, Tensor alpha, Tensor? momentum, Tensor? bias_param, "
-      "Tensor? ret_param, Tensor? X0, Tensor? P0, Tensor? A0, Tensor? cu_seqlens, int bias, int retention, "
-      "float p, float eps, float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, "
-      "float scale, int chunk_size, bool save_states) -> (Tensor o, Tensor XT, Tensor PT, Tensor AT, "
-      "Tensor chunk_X, Tensor chunk_P)");
+      "Tensor? ret_param, Tensor? X0, Tensor? P0, Tensor? A0, Tensor? cu_seqlens, int[] icfg, float[] fcfg, "
+      "bool save_states) -> (Tensor o, Tensor XT, Tensor PT, Tensor AT, Tensor chunk_X, Tensor chunk_P)");
   m.def(
       "chunk_bwd(Tensor dO, Tensor? dXT, Tensor? dPT, Tensor q, Tensor k, Tensor v, Tensor lr, Tensor alpha, "
       "Tensor? momentum, Tensor? bias_param, Tensor? ret_param, Tensor? X0, Tensor? P0, Tensor? A0, "
-      "Tensor? cu_seqlens, Tensor chunk_X, Tensor chunk_P, int bias, int retention, float p, float eps, "
-      "float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, float scale, "
-      "int chunk_size) -> Tensor[]");
+      "Tensor? cu_seqlens, Tensor chunk_X, Tensor chunk_P, int[] icfg, float[] fcfg) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(miras, CPU, m) {
@@ -391,6 +387,42 @@ TORCH_LIBRARY_IMPL(miras, CUDA, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "miras compiled ops (registered as torch.ops.miras.*)";
+  m.def("config_fields", []() {
+    pybind11::dict d;
+    pybind11::list ints, floats;
+#define MIRAS_NAME_(field) ints.append(std::string(#field));
+    MIRAS_CONFIG_INTS(MIRAS_NAME_)
+#undef MIRAS_NAME_
+#define MIRAS_NAME_(field) floats.append(std::string(#field));
+    MIRAS_CONFIG_FLOATS(MIRAS_NAME_)
+#undef MIRAS_NAME_
+    d["ints"] = ints;
+    d["floats"] = floats;
+    return d;
+  }, "The order of the ops' configuration arrays (int[] icfg, float[] fcfg; csrc/core/params.h).");
+  m.def("registry", []() {
+    namespace py = pybind11;
+    auto entry = [](int code, const char* name, const char* param, double lo, bool lo_open) {
+      py::dict d;
+      d["code"] = code;
+      d["name"] = std::string(name);
+      d["param"] = std::string(param);
+      d["lo"] = lo;
+      d["lo_open"] = lo_open;
+      return d;
+    };
+    py::list biases, retentions;
+#define MIRAS_ENTRY_(N, code, name, P, param, lo, open, ...) biases.append(entry(code, name, param, lo, open));
+    MIRAS_BIASES(MIRAS_ENTRY_)
+#undef MIRAS_ENTRY_
+#define MIRAS_ENTRY_(N, code, name, P, param, lo, open, ...) retentions.append(entry(code, name, param, lo, open));
+    MIRAS_RETENTIONS(MIRAS_ENTRY_)
+#undef MIRAS_ENTRY_
+    py::dict d;
+    d["biases"] = biases;
+    d["retentions"] = retentions;
+    return d;
+  }, "The attentional biases and retention gates of csrc/core/registry.h: code, name, per-token parameter.");
   m.def("build_info", []() {
     namespace py = pybind11;
     auto hex = [](uint64_t v) {

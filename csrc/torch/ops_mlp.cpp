@@ -88,9 +88,9 @@ Fwd9 mlp_chunk_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& W1, const at::Tensor& W2, const c10::optional<at::Tensor>& P1,
                         const c10::optional<at::Tensor>& P2, const c10::optional<at::Tensor>& A1,
                         const c10::optional<at::Tensor>& A2, const c10::optional<at::Tensor>& cu_seqlens,
-                        int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
-                        double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale,
-                        int64_t chunk_size, bool save_states) {
+                        c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg, bool save_states) {
+  const MemoryConfig cfg = config_of(icfg, fcfg);
+  const int64_t chunk_size = cfg.chunk_size;
   MlpInputs m = mlp_prepare(q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight, ln_bias, W1, W2, P1,
                             P2, A1, A2, cu_seqlens, chunk_size);
   const Problem& pr = m.pr;
@@ -110,8 +110,7 @@ Fwd9 mlp_chunk_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   at::Tensor cP = (save_states && mom) ? slots() : none();
 
   MlpFwdParams prm;
-  mlp_fill(prm, m, make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale,
-                               chunk_size));
+  mlp_fill(prm, m, cfg);
   prm.chunk.o = o.data_ptr();
   prm.chunk.XT = XT1.data_ptr();
   prm.chunk.AT = AT1.data_ptr();
@@ -146,8 +145,9 @@ std::vector<at::Tensor> mlp_chunk_bwd_impl(
     const c10::optional<at::Tensor>& ln_bias, const at::Tensor& W1, const at::Tensor& W2,
     const c10::optional<at::Tensor>& P1, const c10::optional<at::Tensor>& P2, const c10::optional<at::Tensor>& A1,
     const c10::optional<at::Tensor>& A2, const c10::optional<at::Tensor>& cu_seqlens, const at::Tensor& chunk_X,
-    const at::Tensor& chunk_P, int64_t bias, int64_t retention, double p, double eps, double bias_scalar,
-    double ret_scalar, double kl_scale, double q_norm, double eps_q, double scale, int64_t chunk_size) {
+    const at::Tensor& chunk_P, c10::IntArrayRef icfg, c10::ArrayRef<double> fcfg) {
+  const MemoryConfig cfg = config_of(icfg, fcfg);
+  const int64_t chunk_size = cfg.chunk_size;
   MlpInputs m = mlp_prepare(q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight, ln_bias, W1, W2, P1,
                             P2, A1, A2, cu_seqlens, chunk_size);
   const Problem& pr = m.pr;
@@ -171,8 +171,7 @@ std::vector<at::Tensor> mlp_chunk_bwd_impl(
   at::Tensor cX = chunk_X.to(st).contiguous(), cP = chunk_P.to(st).contiguous();
 
   MlpBwdParams b;
-  mlp_fill(b.fwd, m, make_config(bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale,
-                                 chunk_size));
+  mlp_fill(b.fwd, m, cfg);
   b.fwd.chunk.chunk_X = cX.data_ptr();
   b.fwd.chunk.chunk_P = mom ? cP.data_ptr() : nullptr;
 
@@ -248,17 +247,14 @@ TORCH_LIBRARY_FRAGMENT(miras, m) {
   m.def(
       "mlp_chunk_fwd(Tensor q, Tensor k, Tensor v, Tensor lr, Tensor alpha, Tensor? momentum, "
       "Tensor? bias_param, Tensor? ret_param, Tensor? ln_weight, Tensor? ln_bias, Tensor W1, Tensor W2, "
-      "Tensor? P1, Tensor? P2, Tensor? A1, Tensor? A2, Tensor? cu_seqlens, int bias, int retention, float p, "
-      "float eps, float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, float scale, "
-      "int chunk_size, bool save_states) -> (Tensor o, Tensor W1T, Tensor W2T, Tensor P1T, Tensor P2T, "
-      "Tensor A1T, Tensor A2T, Tensor chunk_X, Tensor chunk_P)");
+      "Tensor? P1, Tensor? P2, Tensor? A1, Tensor? A2, Tensor? cu_seqlens, int[] icfg, float[] fcfg, "
+      "bool save_states) -> (Tensor o, Tensor W1T, Tensor W2T, Tensor P1T, Tensor P2T, Tensor A1T, Tensor A2T, "
+      "Tensor chunk_X, Tensor chunk_P)");
   m.def(
       "mlp_chunk_bwd(Tensor dO, Tensor? dW1T, Tensor? dW2T, Tensor? dP1T, Tensor? dP2T, Tensor q, Tensor k, "
       "Tensor v, Tensor lr, Tensor alpha, Tensor? momentum, Tensor? bias_param, Tensor? ret_param, "
       "Tensor? ln_weight, Tensor? ln_bias, Tensor W1, Tensor W2, Tensor? P1, Tensor? P2, Tensor? A1, "
-      "Tensor? A2, Tensor? cu_seqlens, Tensor chunk_X, Tensor chunk_P, int bias, int retention, float p, "
-      "float eps, float bias_scalar, float ret_scalar, float kl_scale, float q_norm, float eps_q, float scale, "
-      "int chunk_size) -> Tensor[]");
+      "Tensor? A2, Tensor? cu_seqlens, Tensor chunk_X, Tensor chunk_P, int[] icfg, float[] fcfg) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(miras, CPU, m) {

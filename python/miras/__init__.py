@@ -12,6 +12,7 @@ from ._info import check_sources as _check_sources
 
 _check_sources(_C)  # a stale extension (built from other sources) refuses to load
 from . import interop  # noqa: F401  (miras.interop: the op on NumPy/CuPy/JAX arrays via DLPack)
+from .config import Config
 from .ops import BIASES, RETENTIONS, memora, memory_step, memory_update, moneta, titans, yaad
 from .state import MemoryState
 
@@ -23,5 +24,5 @@ def has_cuda_kernels() -> bool:
     return bool(_C.has_cuda())
 
 
-__all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "MemoryState", "BIASES",
+__all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "Config", "MemoryState", "BIASES",
            "RETENTIONS", "has_cuda_kernels", "__version__"]

@@ -9,7 +9,8 @@ import torch
 from . import _C  # noqa: F401  (loads the schemas and the CPU/CUDA kernels)
 
 _N_TENSOR_INPUTS = 12  # q k v lr alpha momentum bias_param ret_param X0 P0 A0 cu_seqlens
-_N_SCALARS = 12  # bias retention p eps bias_scalar ret_scalar kl_scale q_norm eps_q scale chunk_size save
+_N_SCALARS = 3  # icfg fcfg save_states (the configuration arrays: miras._C.config_fields())
+_CHUNK = _C.config_fields()["ints"].index("chunk_size")
 
 
 def _state_dtype(q):
@@ -29,8 +30,8 @@ def _same_device(q, **tensors):
 
 
 @torch.library.register_fake("miras::chunk_fwd")
-def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens, bias, retention,
-                    p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size, save_states):
+def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens, icfg, fcfg,
+                    save_states):
     _same_device(q, k=k, v=v, lr=lr, alpha=alpha, momentum=momentum, bias_param=bias_param, ret_param=ret_param,
                  X0=X0, P0=P0, A0=A0, cu_seqlens=cu_seqlens)
     B, T, H, Dk = q.shape
@@ -39,7 +40,7 @@ def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0,
     sd = _state_dtype(q)
     st = q.new_empty((N, H, Dk, Dv), dtype=sd)
     none = q.new_empty((0,), dtype=sd)
-    slots = _num_slots(N, T, chunk_size, cu_seqlens is not None)
+    slots = _num_slots(N, T, icfg[_CHUNK], cu_seqlens is not None)
     o = q.new_empty((B, T, H, Dv))
     XT, AT = st, q.new_empty((N, H, Dk, Dv), dtype=sd)
     PT = q.new_empty((N, H, Dk, Dv), dtype=sd) if momentum is not None else none
@@ -51,8 +52,7 @@ def _chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0,
 
 @torch.library.register_fake("miras::chunk_bwd")
 def _chunk_bwd_fake(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu_seqlens,
-                    chunk_X, chunk_P, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q,
-                    scale, chunk_size):
+                    chunk_X, chunk_P, icfg, fcfg):
     _same_device(q, dO=dO, dXT=dXT, dPT=dPT, k=k, v=v, lr=lr, alpha=alpha, momentum=momentum, bias_param=bias_param,
                  ret_param=ret_param, X0=X0, P0=P0, A0=A0, cu_seqlens=cu_seqlens, chunk_X=chunk_X, chunk_P=chunk_P)
     B, T, H, Dk = q.shape
@@ -92,8 +92,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dO, dXT, dPT, dAT, dcX, dcP):
     (q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0, cu, cX, cP) = ctx.saved_tensors
-    (bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size,
-     save_states) = ctx.scalars
+    icfg, fcfg, save_states = ctx.scalars
     if not save_states:
         raise RuntimeError("miras: backward through chunk_fwd called with save_states=False; call the op with "
                            "save_states=True when gradients are needed (memory_update does this for you)")
@@ -102,8 +101,7 @@ def _backward(ctx, dO, dXT, dPT, dAT, dcX, dcP):
     if momentum is None:
         dPT = None
     grads = torch.ops.miras.chunk_bwd(dO, dXT, dPT, q, k, v, lr, alpha, momentum, bias_param, ret_param, X0, P0, A0,
-                                      cu, cX, cP, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale,
-                                      q_norm, eps_q, scale, chunk_size)
+                                      cu, cX, cP, icfg, fcfg)
     dq, dk, dv, dlr, dalpha, dmom, dbp, drp, dX0, dP0, dA0 = grads
     return (dq, dk, dv, dlr, dalpha,
             dmom if momentum is not None else None,
@@ -125,8 +123,7 @@ _MLP_N_TENSOR_INPUTS = 17
 
 @torch.library.register_fake("miras::mlp_chunk_fwd")
 def _mlp_chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight, ln_bias, W1, W2, P1, P2, A1,
-                        A2, cu_seqlens, bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q,
-                        scale, chunk_size, save_states):
+                        A2, cu_seqlens, icfg, fcfg, save_states):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     Dh = W1.shape[-1]
@@ -139,7 +136,7 @@ def _mlp_chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_
     def none():
         return q.new_empty((0,), dtype=sd)
 
-    slots = _num_slots(N, T, chunk_size, cu_seqlens is not None)
+    slots = _num_slots(N, T, icfg[_CHUNK], cu_seqlens is not None)
     Sz = Dk * Dh + Dh * Dv
     mom = momentum is not None
     cX = q.new_empty((slots, H, Sz), dtype=sd) if save_states else none()
@@ -150,8 +147,7 @@ def _mlp_chunk_fwd_fake(q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_
 
 @torch.library.register_fake("miras::mlp_chunk_bwd")
 def _mlp_chunk_bwd_fake(dO, dW1T, dW2T, dP1T, dP2T, q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight,
-                        ln_bias, W1, W2, P1, P2, A1, A2, cu_seqlens, chunk_X, chunk_P, bias, retention, p, eps,
-                        bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size):
+                        ln_bias, W1, W2, P1, P2, A1, A2, cu_seqlens, chunk_X, chunk_P, icfg, fcfg):
     sd = _state_dtype(q)
     mom = momentum is not None
 
@@ -192,8 +188,7 @@ def _mlp_setup_context(ctx, inputs, output):
 def _mlp_backward(ctx, dO, dW1T, dW2T, dP1T, dP2T, dA1T, dA2T, dcX, dcP):
     (q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight, ln_bias, W1, W2, P1, P2, A1, A2, cu, cX,
      cP) = ctx.saved_tensors
-    (bias, retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale, chunk_size,
-     save_states) = ctx.scalars
+    icfg, fcfg, save_states = ctx.scalars
     if not save_states:
         raise RuntimeError("miras: backward through mlp_chunk_fwd called with save_states=False; call the op with "
                            "save_states=True when gradients are needed (memory_update does this for you)")
@@ -202,9 +197,7 @@ def _mlp_backward(ctx, dO, dW1T, dW2T, dP1T, dP2T, dA1T, dA2T, dcX, dcP):
     if momentum is None:
         dP1T = dP2T = None
     g = torch.ops.miras.mlp_chunk_bwd(dO, dW1T, dW2T, dP1T, dP2T, q, k, v, lr, alpha, momentum, bias_param,
-                                      ret_param, ln_weight, ln_bias, W1, W2, P1, P2, A1, A2, cu, cX, cP, bias,
-                                      retention, p, eps, bias_scalar, ret_scalar, kl_scale, q_norm, eps_q, scale,
-                                      chunk_size)
+                                      ret_param, ln_weight, ln_bias, W1, W2, P1, P2, A1, A2, cu, cX, cP, icfg, fcfg)
     present = (q, k, v, lr, alpha, momentum, bias_param, ret_param, ln_weight, ln_bias, W1, W2,
                P1 if momentum is not None else None, P2 if momentum is not None else None, A1, A2)
     return tuple(gi if t is not None else None for gi, t in zip(g, present)) + (None,) + (None,) * _N_SCALARS

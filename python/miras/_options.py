@@ -1,19 +1,31 @@
 """The op's scalar options, checked once for every front end (torch ``ops.py``, JAX ``jax.py``).
 
-Torch-free and JAX-free: names, codes (the values of ``csrc/core/params.h``), range checks with
-messages that name the argument. The math is SPEC.md.
+Names, codes and per-token parameters come from the extension (``miras._C.registry()``: the lists of
+csrc/core/registry.h), not from a copy. The Python names: ``bias="huber"`` with
+``huber_mode="yaad" | "coord" | "norm"`` selects the registry's ``huber_<mode>``; every other bias and
+retention is its registry name. Range checks with messages that name the argument; the math is SPEC.md.
 """
 from __future__ import annotations
 
 import math
 from numbers import Real
 
-BIASES = ("dot", "l2", "lp", "huber", "robust")
-HUBER_MODES = ("yaad", "coord", "norm")
-RETENTIONS = ("l2", "kl", "elastic_net", "lq")
-BIAS_CODE = {"dot": 0, "l2": 1, "lp": 2, "robust": 6}
-HUBER_CODE = {"yaad": 3, "coord": 4, "norm": 5}
-RET_CODE = {"l2": 0, "kl": 1, "elastic_net": 2, "lq": 3}
+from . import _C
+
+_REG = _C.registry()
+_BIAS = {b["name"]: b for b in _REG["biases"]}
+_RET = {r["name"]: r for r in _REG["retentions"]}
+HUBER_MODES = tuple(n[len("huber_"):] for n in _BIAS if n.startswith("huber_"))
+BIASES = tuple(dict.fromkeys("huber" if n.startswith("huber_") else n for n in _BIAS))
+RETENTIONS = tuple(_RET)
+BIAS_CODE = {n: b["code"] for n, b in _BIAS.items() if not n.startswith("huber_")}
+HUBER_CODE = {m: _BIAS["huber_" + m]["code"] for m in HUBER_MODES}
+RET_CODE = {n: r["code"] for n, r in _RET.items()}
+
+
+def bias_entry(bias: str, huber_mode: str):
+    """The registry entry of a (bias, huber_mode) choice."""
+    return _BIAS["huber_" + huber_mode] if bias == "huber" else _BIAS[bias]
 
 
 def fail(msg: str):
@@ -43,12 +55,13 @@ def config_codes(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, c
     return code, RET_CODE[retention]
 
 
-def param_names(bias, retention):
-    """Which per-token parameter each choice reads: (bias parameter and its lower bound, open?) and
-    (retention parameter ...), or None. delta > 0 (huber), robust_delta >= 0, gamma >= 0."""
-    bias_param = {"huber": ("delta", 0.0, True), "robust": ("robust_delta", 0.0, False)}.get(bias)
-    ret_param = ("gamma", 0.0, False) if retention == "elastic_net" else None
-    return bias_param, ret_param
+def param_names(bias, retention, huber_mode="yaad"):
+    """Which per-token parameter each choice reads (registry.h): (name, lower bound, bound excluded)
+    for the bias and for the retention, or None. delta > 0 (huber), robust_delta >= 0, gamma >= 0."""
+    def spec(e):
+        return (e["param"], e["lo"], e["lo_open"]) if e["param"] else None
+
+    return spec(bias_entry(bias, huber_mode if huber_mode in HUBER_MODES else HUBER_MODES[0])), spec(_RET[retention])
 
 
 def range_text(lo: float, lo_open: bool) -> str:

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._options import config_codes, fail, param_names, range_text, resolve_scale, scalar_param
+from ._options import fail, range_text, scalar_param
+from .config import PARAM_DEFAULTS, Config
 
 __all__ = ["memory_update", "memory_step", "MemoryState", "has_cuda_handlers"]
 
@@ -85,25 +86,36 @@ class MemoryState(NamedTuple):
 
 
 # ---- the op: ffi calls and their VJP ----------------------------------------------------------
-class _Config(NamedTuple):
-    """Static (hashable) scalar arguments of the op, in the order of torch.ops.miras.chunk_fwd."""
+_CHUNK = None  # index of chunk_size in the int array (from the extension, on first use)
 
-    bias: int
-    retention: int
-    p: float
-    eps: float
-    bias_scalar: float
-    ret_scalar: float
-    kl_scale: float
-    q_norm: float
-    eps_q: float
-    scale: float
-    chunk_size: int
+
+class _OpConfig(NamedTuple):
+    """The op's configuration arrays (hashable: a static argument of the custom_vjp), in the order
+    of miras._C.config_fields() — the same as torch.ops.miras.chunk_fwd's icfg / fcfg."""
+
+    icfg: tuple
+    fcfg: tuple
+
+    @staticmethod
+    def _chunk_index():
+        global _CHUNK
+        if _CHUNK is None:
+            from . import _C
+
+            _CHUNK = _C.config_fields()["ints"].index("chunk_size")
+        return _CHUNK
+
+    @property
+    def chunk_size(self) -> int:
+        return self.icfg[self._chunk_index()]
+
+    def with_chunk(self, c: int) -> "_OpConfig":
+        i = list(self.icfg)
+        i[self._chunk_index()] = c
+        return _OpConfig(tuple(i), self.fcfg)
 
     def attrs(self):
-        d = {n: np.float64(getattr(self, n)) for n in self._fields}
-        d.update(bias=np.int64(self.bias), retention=np.int64(self.retention), chunk_size=np.int64(self.chunk_size))
-        return d
+        return dict(icfg=np.asarray(self.icfg, np.int64), fcfg=np.asarray(self.fcfg, np.float64))
 
 
 def _none(dtype):
@@ -117,7 +129,7 @@ def _sizes(q, v, cu):
     return B, T, H, Dk, v.shape[-1], N
 
 
-def _fwd_call(cfg: _Config, save: bool, q, k, v, lr, alpha, mom, bp, rp, X0, P0, A0, cu):
+def _fwd_call(cfg: _OpConfig, save: bool, q, k, v, lr, alpha, mom, bp, rp, X0, P0, A0, cu):
     B, T, H, Dk, Dv, N = _sizes(q, v, cu)
     sd = lr.dtype
     C = cfg.chunk_size
@@ -232,8 +244,20 @@ def _types(q):
          + ("" if has_cuda_handlers() else " (CUDA handlers: build with MIRAS_BUILD_JAX_CUDA=1)"))
 
 
-def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, huber_mode, robust_delta, gamma,
-             kl_scale, q_norm, eps_q, chunk_size, scale, cu_seqlens, check_inputs):
+def _options(config, options):
+    """Config and per-token parameters from the keywords; the options must be Python values."""
+    for name, val in options.items():
+        if name not in PARAM_DEFAULTS and isinstance(val, jax.core.Tracer):
+            fail(f"{name} must be a Python number (a static option of the op), got a traced value; under jax.jit "
+                 f"close over it or mark it static")
+    cfg, params = Config.split(config, **options)
+    if cfg.memory != "linear":
+        fail(f"miras.jax supports memory='linear' only, got {cfg.memory!r} (the MLP memory runs in the torch front "
+             f"end, miras.memory_update)")
+    return cfg, params
+
+
+def _prepare(q, k, v, lr, alpha, momentum, *, cfg: Config, params, cu_seqlens, check_inputs, chunk_size=None):
     """Checks the arguments; returns the op's arrays in the backend's dtypes and its config."""
     q = _array(q, "q")
     v = _array(v, "v")
@@ -259,19 +283,11 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
         _check_range(alpha, "alpha", 0.0, True, 1.0, False)
         if momentum is not None:
             _check_range(momentum, "momentum", 0.0, False, 1.0, True)
-    for name, val in (("p", p), ("eps", eps), ("kl_scale", kl_scale), ("q_norm", q_norm), ("eps_q", eps_q),
-                      ("chunk_size", chunk_size), ("scale", scale)):
-        if isinstance(val, jax.core.Tracer):
-            fail(f"{name} must be a Python number (a static option of the op), got a traced value; under jax.jit "
-                 f"close over it or mark it static")
-    bias_code, ret_code = config_codes(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
-    given = {"delta": delta, "robust_delta": robust_delta, "gamma": gamma}
-
     def param(spec, unused):
         if spec is None:
             return unused, None
         name, lo, lo_open = spec
-        value = given[name]
+        value = params[name]
         if hasattr(value, "shape"):
             value = _array(value, name, gshape)
             if check_inputs:
@@ -279,11 +295,11 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
             return 1.0, value
         return scalar_param(value, name, lo, lo_open), None
 
-    bias_spec, ret_spec = param_names(bias, retention)
+    bias_spec, ret_spec = cfg.param_specs()
     bias_scalar, bias_tensor = param(bias_spec, 1.0)
     ret_scalar, ret_tensor = param(ret_spec, 0.0)
-    cfg = _Config(bias_code, ret_code, float(p), float(eps), bias_scalar, ret_scalar, float(kl_scale), float(q_norm),
-                  float(eps_q), resolve_scale(scale, Dk), chunk_size)
+    icfg, fcfg = cfg.arrays(Dk, bias_scalar, ret_scalar, chunk_size)
+    op_cfg = _OpConfig(tuple(icfg), tuple(fcfg))
     cu = None
     if cu_seqlens is not None:
         cu = _array(cu_seqlens, "cu_seqlens", floating=False)
@@ -309,7 +325,7 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
     arrays = dict(q=q.astype(io), k=k.astype(io), v=v.astype(io), lr=lr.astype(sd), alpha=alpha.astype(sd),
                   mom=st(momentum), bp=st(bias_tensor), rp=st(ret_tensor), cu=cu)
     N = cu.shape[0] - 1 if cu is not None else B
-    return arrays, cfg, dict(B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, q_dtype=q.dtype, sd=sd)
+    return arrays, op_cfg, dict(B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, q_dtype=q.dtype, sd=sd)
 
 
 def _state_array(x, name: str, shape, sd):
@@ -329,23 +345,19 @@ def _offset(off, name: str, N: int):
 
 
 # ---- public API -------------------------------------------------------------------------------
-def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6,
-                  delta=1.0, huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6,
-                  chunk_size=64, scale=None, initial_state: Optional[MemoryState] = None, output_final_state=False,
-                  cu_seqlens=None, check_inputs=True):
-    """Chunked Miras memory over a sequence (SPEC §5), as :func:`miras.memory_update`.
+def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[MemoryState] = None,
+                  output_final_state=False, cu_seqlens=None, check_inputs=True, config: Optional[Config] = None,
+                  **options):
+    """Chunked Miras memory over a sequence (SPEC §5), as :func:`miras.memory_update` (the same
+    ``config`` / keyword options and per-token parameters).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr, alpha, momentum: [B, T, H]; cu_seqlens [N+1]
     (int32/int64, B == 1). Returns ``(o [B, T, H, Dv], final MemoryState or None)``. Every array
     input, the initial state included, is differentiable (jax.grad / jax.vjp).
     """
-    if memory != "linear":
-        fail(f"miras.jax supports memory='linear' only, got {memory!r} (the MLP memory runs in the torch front "
-             f"end, miras.memory_update)")
-    arrays, cfg, sz = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps,
-                               delta=delta, huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma,
-                               kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=chunk_size, scale=scale,
-                               cu_seqlens=cu_seqlens, check_inputs=check_inputs)
+    config, params = _options(config, options)
+    arrays, cfg, sz = _prepare(q, k, v, lr, alpha, momentum, cfg=config, params=params, cu_seqlens=cu_seqlens,
+                               check_inputs=check_inputs)
     N, H, Dk, Dv, T, sd = sz["N"], sz["H"], sz["Dk"], sz["Dv"], sz["T"], sz["sd"]
     sshape = (N, H, Dk, Dv)
     X0 = P0 = None
@@ -380,7 +392,7 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l
     if not output_final_state:
         o, _, _ = run(X0, P0, cu)
         return o.astype(qdt), None
-    C = chunk_size
+    C = cfg.chunk_size
     zeros = jnp.zeros(sshape, sd)
     X0z = X0 if X0 is not None else zeros
     if cu is None:
@@ -439,17 +451,16 @@ def _varlen_final(run, cu, C, T, N, X0z, P0, mom, zeros, qdt):
     return o.astype(qdt), MemoryState(X=X_b[:N], P=P_b[:N] if mom is not None else None, anchor=Xb, offset=offset)
 
 
-def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
-                memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0, huber_mode="yaad",
-                robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6, scale=None, check_inputs=True):
+def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, exact=False, check_inputs=True,
+                config: Optional[Config] = None, **options):
     """One token per sequence (decoding, SPEC §7), as :func:`miras.memory_step`.
 
     q, k: [B, H, Dk]; v: [B, H, Dv]; gates [B, H]. Takes the gradient at ``state.anchor``, updates
     the state, reads after the write, and moves the anchor to the new state when ``offset``
     reaches ``chunk_size`` (1 with ``exact=True``). Returns ``(o [B, H, Dv], new MemoryState)``.
     """
-    if memory != "linear":
-        fail(f"miras.jax supports memory='linear' only, got {memory!r}")
+    config, params = _options(config, options)
+    chunk_size = config.chunk_size
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not hasattr(t, "shape") or len(t.shape) != 3:
             fail(f"memory_step: {name} must be [B, H, D] (one token per sequence), got "
@@ -457,16 +468,13 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
     if not isinstance(state, MemoryState):
         fail(f"memory_step: state must be a miras.jax.MemoryState, got {type(state).__name__}")
     C = 1 if exact else chunk_size
-    if isinstance(C, bool) or not isinstance(C, int) or C < 1:
-        fail(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
     def tok(t):
         return t[:, None] if hasattr(t, "shape") else t
 
-    arrays, cfg, sz = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), bias=bias,
-                               retention=retention, p=p, eps=eps, delta=tok(delta), huber_mode=huber_mode,
-                               robust_delta=tok(robust_delta), gamma=tok(gamma), kl_scale=kl_scale, q_norm=q_norm,
-                               eps_q=eps_q, chunk_size=C, scale=scale, cu_seqlens=None, check_inputs=check_inputs)
+    arrays, cfg, sz = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=config,
+                               params={n: tok(x) for n, x in params.items()}, cu_seqlens=None,
+                               check_inputs=check_inputs)
     N, sd = sz["N"], sz["sd"]
     sshape = (N, sz["H"], sz["Dk"], sz["Dv"])
     X0 = _state_array(state.X, "state.X", sshape, sd)
@@ -483,7 +491,7 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
             fail(f"state.offset must lie in [0, chunk_size={C})")
     a = arrays
     # One token is one chunk of the op, anchored at A0 (chunk_size 1 for the op itself).
-    o, XT, PT = _run(cfg._replace(chunk_size=1), a["q"], a["k"], a["v"], a["lr"], a["alpha"], a["mom"], a["bp"],
+    o, XT, PT = _run(cfg.with_chunk(1), a["q"], a["k"], a["v"], a["lr"], a["alpha"], a["mom"], a["bp"],
                      a["rp"], X0, P0, A0, None)
     new_off = off + 1
     moved = new_off >= C

@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from . import _library  # noqa: F401  (registers fake kernels and autograd)
-from ._options import BIASES, HUBER_MODES, RETENTIONS, param_names, range_text, resolve_scale, scalar_param
-from ._options import config_codes as _config
+from ._options import BIASES, RETENTIONS, range_text, scalar_param
 from ._options import fail as _fail
+from .config import Config
 from .state import MemoryState
 
-__all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "BIASES", "RETENTIONS"]
+__all__ = ["memory_update", "memory_step", "moneta", "yaad", "memora", "titans", "BIASES", "RETENTIONS", "Config"]
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _F32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
@@ -109,8 +109,9 @@ def _cu_seqlens(cu, B: int, T: int, q: Tensor, check: bool) -> Tensor:
     return cu
 
 
-def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, huber_mode, robust_delta, gamma,
-             kl_scale, q_norm, eps_q, chunk_size, scale, cu_seqlens, check_inputs):
+def _prepare(q, k, v, lr, alpha, momentum, *, cfg: Config, params, cu_seqlens, check_inputs, chunk_size=None):
+    """Checks the inputs of one call; returns the sizes, the per-token parameter tensors and the
+    configuration arrays (``icfg``, ``fcfg``) of the op (``chunk_size`` overrides cfg's: the step op)."""
     if not isinstance(q, Tensor) or q.dim() != 4:
         _fail(f"q must be a 4-D tensor [B, T, H, Dk], got {getattr(q, 'shape', type(q).__name__)}")
     B, T, H, Dk = q.shape
@@ -134,30 +135,27 @@ def _prepare(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, hu
         _check_gate(alpha, "alpha", 0.0, 1.0, True, False, "(0, 1]")
         if momentum is not None:
             _check_gate(momentum, "momentum", 0.0, 1.0, False, True, "[0, 1)")
-    bias_code, ret_code = _config(bias, huber_mode, retention, p, eps, kl_scale, q_norm, eps_q, chunk_size)
-    if retention == "lq" and q.dtype != torch.float64 and float(eps_q) ** (float(q_norm) - 2.0) < _F32_TINY:
+    q_norm, eps_q = cfg.q_norm, cfg.eps_q
+    if cfg.retention == "lq" and q.dtype != torch.float64 and float(eps_q) ** (float(q_norm) - 2.0) < _F32_TINY:
         # below a zero-ish state the lq map reads W = X / eps_q^(q-2): that scale must be a float32
         _fail(f"q_norm={q_norm} with eps_q={eps_q} is out of float32 range: eps_q**(q_norm - 2) = "
               f"{float(eps_q) ** (float(q_norm) - 2.0):.3g} underflows (a zero state would read as NaN); "
               f"raise eps_q, lower q_norm to <= {2.0 + math.log(_F32_TINY) / math.log(float(eps_q)):.2f}, "
               f"or use float64 inputs (README: numerical safe ranges)")
-    given = {"delta": delta, "robust_delta": robust_delta, "gamma": gamma}
-
     def param(spec, unused):
         if spec is None:
             return unused, None
         name, lo, lo_open = spec
-        return _param(given[name], name, gshape, q, lo, lo_open, check_inputs)
+        return _param(params[name], name, gshape, q, lo, lo_open, check_inputs)
 
-    bias_spec, ret_spec = param_names(bias, retention)
+    bias_spec, ret_spec = cfg.param_specs()
     bias_scalar, bias_tensor = param(bias_spec, 1.0)
     ret_scalar, ret_tensor = param(ret_spec, 0.0)
-    scale = resolve_scale(scale, Dk)
     cu = _cu_seqlens(cu_seqlens, B, T, q, check_inputs) if cu_seqlens is not None else None
     N = cu.numel() - 1 if cu is not None else B
-    cfg = (bias_code, ret_code, float(p), float(eps), bias_scalar, ret_scalar, float(kl_scale), float(q_norm),
-           float(eps_q), float(scale))
-    return dict(B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, cu=cu, bias_tensor=bias_tensor, ret_tensor=ret_tensor, cfg=cfg)
+    icfg, fcfg = cfg.arrays(Dk, bias_scalar, ret_scalar, chunk_size)
+    return dict(B=B, T=T, H=H, Dk=Dk, Dv=Dv, N=N, cu=cu, bias_tensor=bias_tensor, ret_tensor=ret_tensor, icfg=icfg,
+                fcfg=fcfg, scale=cfg.resolved_scale(Dk))
 
 
 def _needs_grad(*ts) -> bool:
@@ -272,15 +270,20 @@ def _final_anchor(pr, C: int, XT, AT, X0, device):
     return offset, tuple(AT)
 
 
-def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2", retention="l2", p=3.0,
-                  eps=1e-6, delta=1.0, huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0,
-                  eps_q=1e-6, chunk_size=64, scale=None, initial_state: Optional[MemoryState] = None,
+def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[MemoryState] = None,
                   output_final_state=False, cu_seqlens=None, ln_weight=None, ln_bias=None, expansion=None,
-                  check_inputs=True) -> Tuple[Tensor, Optional[MemoryState]]:
+                  check_inputs=True, config: Optional[Config] = None, **options) -> Tuple[Tensor, Optional[MemoryState]]:
     """Chunked Miras memory over a sequence (SPEC §5).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr, alpha, momentum: [B, T, H].
     Returns ``(o [B, T, H, Dv], final_state or None)``.
+
+    The configuration: ``config=miras.Config(...)`` and/or its fields as keywords (which override
+    it): ``memory`` ("linear" | "mlp"), ``bias`` (dot, l2, lp, huber, robust), ``huber_mode``
+    (yaad, coord, norm), ``retention`` (l2, kl, elastic_net, lq), ``p``, ``eps``, ``kl_scale``,
+    ``q_norm``, ``eps_q``, ``chunk_size`` (64), ``scale`` (None: Dk**-0.5). Per-token parameters, a
+    float or a [B, T, H] tensor: ``delta`` (huber, 1.0), ``robust_delta`` (robust, 0.0),
+    ``gamma`` (elastic_net, 0.0). Unknown keywords are an error.
 
     ``memory="mlp"`` (SPEC §6, ``M(x) = x + LN(GELU(x W1) W2)``): needs ``Dv == Dk`` and
     ``initial_state=MemoryState(X=(W1 [N, H, Dk, Dh], W2 [N, H, Dh, Dv]))`` (P and anchor pairs too);
@@ -288,19 +291,14 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l
     LayerNorm's affine (differentiable); ``scale`` defaults to 1. CPU tensors run the C++ op
     (``torch.ops.miras.mlp_chunk_fwd``); CUDA tensors the PyTorch reference (warns once).
     """
-    if memory == "mlp":
-        return _mlp_update(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                           huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale,
-                           q_norm=q_norm, eps_q=eps_q, chunk_size=chunk_size, scale=scale,
-                           initial_state=initial_state, output_final_state=output_final_state,
-                           cu_seqlens=cu_seqlens, ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
-                           check_inputs=check_inputs)
-    if memory != "linear":
-        _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    cfg, params = Config.split(config, **options)
+    if cfg.memory == "mlp":
+        return _mlp_update(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, initial_state=initial_state,
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=ln_weight,
+                           ln_bias=ln_bias, expansion=expansion, check_inputs=check_inputs)
     _linear_only(ln_weight, ln_bias, expansion)
-    pr = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                  huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
-                  eps_q=eps_q, chunk_size=chunk_size, scale=scale, cu_seqlens=cu_seqlens, check_inputs=check_inputs)
+    pr = _prepare(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, cu_seqlens=cu_seqlens,
+                  check_inputs=check_inputs)
     N, H, Dk, Dv, T = pr["N"], pr["H"], pr["Dk"], pr["Dv"], pr["T"]
     sshape = (N, H, Dk, Dv)
     X0 = P0 = None
@@ -327,21 +325,17 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l
                     _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
                           "anchor is the state itself")
     grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0)
-    C = chunk_size
+    C = cfg.chunk_size
     if output_final_state and grad and not _compiling():
         # The final anchor of a sequence that ends inside a chunk is the state at its last chunk
         # boundary. For its gradient to be exact, run the op up to that boundary and from there
         # on (two calls, no extra work), so the anchor is an output at a chunk boundary.
-        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C,
-                                     dict(bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                                          huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma,
-                                          kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C,
-                                          scale=pr["cfg"][-1], check_inputs=False))
+        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, cfg, params, {})
         if split is not None:
             return split
     out = torch.ops.miras.chunk_fwd(
-        q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0, None, pr["cu"], *pr["cfg"],
-        chunk_size, grad)
+        q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], X0, P0, None, pr["cu"], pr["icfg"],
+        pr["fcfg"], grad)
     o, XT, PT, AT = out[0], out[1], out[2], out[3]
     if not output_final_state:
         return o, None
@@ -355,15 +349,11 @@ def _linear_only(ln_weight, ln_bias, expansion):
             _fail(f"{name} applies to memory='mlp' only; pass None for the linear memory")
 
 
-def _mlp_update(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta, huber_mode, robust_delta, gamma,
-                kl_scale, q_norm, eps_q, chunk_size, scale, initial_state, output_final_state, cu_seqlens, ln_weight,
+def _mlp_update(q, k, v, lr, alpha, momentum, *, cfg, params, initial_state, output_final_state, cu_seqlens, ln_weight,
                 ln_bias, expansion, check_inputs):
     """memory_update(memory="mlp"): the same validation as the linear memory, then the C++ op on CPU tensors."""
-    if scale is None:
-        scale = 1.0  # SPEC §1: the MLP memory's default query scale
-    pr = _prepare(q, k, v, lr, alpha, momentum, bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                  huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
-                  eps_q=eps_q, chunk_size=chunk_size, scale=scale, cu_seqlens=cu_seqlens, check_inputs=check_inputs)
+    pr = _prepare(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, cu_seqlens=cu_seqlens,
+                  check_inputs=check_inputs)
     N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
     lnw, lnb = _mlp_checks(pr, ln_weight, ln_bias, q)
     if initial_state is None:
@@ -379,27 +369,22 @@ def _mlp_update(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta,
                 _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
                       "anchor is the state itself")
     if q.device.type != "cpu":
-        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum, memory="mlp", bias=bias,
-                             retention=retention, p=p, eps=eps, delta=delta, huber_mode=huber_mode,
-                             robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
-                             eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=lnw,
-                             ln_bias=lnb, expansion=None)
+        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum,
+                             **cfg.replace(scale=pr["scale"]).reference_kwargs(), **params,
+                             initial_state=initial_state, output_final_state=output_final_state,
+                             cu_seqlens=cu_seqlens, ln_weight=lnw, ln_bias=lnb, expansion=None)
     P1, P2 = (None, None) if (momentum is None or P0 is None) else P0
     grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, *X0, P1, P2)
-    C = chunk_size
+    C = cfg.chunk_size
     if output_final_state and grad and not _compiling():
         # as for the linear memory: an exact gradient for an anchor inside the last chunk
-        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C,
-                                     dict(memory="mlp", bias=bias, retention=retention, p=p, eps=eps, delta=delta,
-                                          huber_mode=huber_mode, robust_delta=robust_delta, gamma=gamma,
-                                          kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C,
-                                          scale=pr["cfg"][-1], ln_weight=lnw, ln_bias=lnb, check_inputs=False))
+        split = _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, cfg, params,
+                                     dict(ln_weight=lnw, ln_bias=lnb))
         if split is not None:
             return split
     out = torch.ops.miras.mlp_chunk_fwd(
         q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, X0[0], X0[1], P1, P2, None,
-        None, pr["cu"], *pr["cfg"], C, grad)
+        None, pr["cu"], pr["icfg"], pr["fcfg"], grad)
     o = out[0]
     if not output_final_state:
         return o, None
@@ -409,13 +394,13 @@ def _mlp_update(q, k, v, lr, alpha, momentum, *, bias, retention, p, eps, delta,
                           offset=offset)
 
 
-def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw):
+def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, cfg, params, extra_kw):
     """memory_update as two calls, [start, last boundary) and [last boundary, end), per sequence.
 
     Returns None when no sequence needs it (each ends on a boundary or inside its first chunk).
     """
     T, cu = pr["T"], pr["cu"]
-    params = {name: kw[name] for name in ("delta", "robust_delta", "gamma")}
+    kw = dict(extra_kw, config=cfg.replace(scale=pr["scale"]), check_inputs=False)
     if cu is None:
         t0 = (T // C) * C
         if t0 == 0 or t0 == T:
@@ -472,19 +457,19 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, kw)
     return o1.index_copy(1, idx_suf, o2), MemoryState(X=s2.X, P=s2.P, anchor=X1, offset=s2.offset)
 
 
-def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_size=64, exact=False,
-                memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0, huber_mode="yaad",
-                robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6, scale=None, ln_weight=None,
-                ln_bias=None, expansion=None, check_inputs=True) -> Tuple[Tensor, MemoryState]:
-    """One token per sequence (decoding), SPEC §7. q, k: [B, H, Dk]; v: [B, H, Dv]; gates [B, H].
+def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, exact=False, ln_weight=None,
+                ln_bias=None, expansion=None, check_inputs=True, config: Optional[Config] = None,
+                **options) -> Tuple[Tensor, MemoryState]:
+    """One token per sequence (decoding), SPEC §7. q, k: [B, H, Dk]; v: [B, H, Dv]; gates and
+    per-token parameters [B, H]. Options as for ``memory_update``.
 
     Takes the gradient at ``state.anchor``, updates the state, reads after the write, and moves the
     anchor to the new state when ``offset`` reaches ``chunk_size`` (1 with ``exact=True``).
     ``memory="mlp"``: the state's X, P and anchor are (W1, W2) pairs (see ``memory_update``); CPU
     tensors run the C++ op, CUDA tensors the PyTorch reference.
     """
-    if memory not in ("linear", "mlp"):
-        _fail(f"memory must be 'linear' or 'mlp', got {memory!r}")
+    cfg, params = Config.split(config, **options)
+    memory, chunk_size = cfg.memory, cfg.chunk_size
     if memory == "linear":
         _linear_only(ln_weight, ln_bias, expansion)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -494,25 +479,19 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
     if not isinstance(state, MemoryState):
         _fail(f"memory_step: state must be a miras.MemoryState, got {type(state).__name__}")
     C = 1 if exact else chunk_size
-    if isinstance(C, bool) or not isinstance(C, int) or C < 1:
-        _fail(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
     def tok(t):
         return t.unsqueeze(1) if isinstance(t, Tensor) else t
 
-    if scale is None and memory == "mlp":
-        scale = 1.0  # SPEC §1: the MLP memory's default query scale
-    pr = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), bias=bias, retention=retention, p=p,
-                  eps=eps, delta=tok(delta), huber_mode=huber_mode, robust_delta=tok(robust_delta), gamma=tok(gamma),
-                  kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, chunk_size=C, scale=scale, cu_seqlens=None,
-                  check_inputs=check_inputs)
+    # The op runs one token as a chunk of one (chunk_size 1), the anchor being the state's.
+    pr = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=cfg,
+                  params={n: tok(x) for n, x in params.items()}, cu_seqlens=None, check_inputs=check_inputs,
+                  chunk_size=1)
     N, H, Dk, Dv = pr["N"], pr["H"], pr["Dk"], pr["Dv"]
     if memory == "mlp":
         return _mlp_step(q, k, v, lr, alpha, momentum, tok, pr, C, state=state, expansion=expansion,
                          ln_weight=ln_weight, ln_bias=ln_bias, check_inputs=check_inputs,
-                         ref_kw=dict(chunk_size=chunk_size, exact=exact, bias=bias, retention=retention, p=p,
-                                     eps=eps, delta=delta, huber_mode=huber_mode, robust_delta=robust_delta,
-                                     gamma=gamma, kl_scale=kl_scale, q_norm=q_norm, eps_q=eps_q, scale=scale))
+                         ref_kw=dict(exact=exact, **cfg.replace(scale=pr["scale"]).reference_kwargs(), **params))
     sshape = (N, H, Dk, Dv)
     X0 = _state_tensor(state.X, "state.X", sshape, q)
     A0 = _state_tensor(state.anchor, "state.anchor", sshape, q)
@@ -529,8 +508,8 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, chunk_
         _check_values((off >= 0) & (off < C), f"state.offset must lie in [0, chunk_size={C})")
     out = torch.ops.miras.chunk_fwd(
         tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), pr["bias_tensor"], pr["ret_tensor"], X0, P0,
-        A0, None, *pr["cfg"], 1, _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"],
-                                             X0, P0, A0))
+        A0, None, pr["icfg"], pr["fcfg"], _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"],
+                                                      pr["ret_tensor"], X0, P0, A0))
     o, XT, PT = out[0][:, 0], out[1], out[2]
     new_off = off + 1
     moved = new_off >= C
@@ -549,14 +528,14 @@ def _mlp_step(q, k, v, lr, alpha, momentum, tok, pr, C, *, state, expansion, ln_
     if check_inputs:
         _check_values((off >= 0) & (off < C), f"state.offset must lie in [0, chunk_size={C})")
     if q.device.type != "cpu":
-        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, memory="mlp", ln_weight=lnw,
-                             ln_bias=lnb, expansion=None, **ref_kw)
+        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, ln_weight=lnw, ln_bias=lnb,
+                             expansion=None, **ref_kw)
     P1, P2 = (None, None) if (momentum is None or P0 is None) else P0
     grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, *X0, P1, P2,
                        *A0)
     out = torch.ops.miras.mlp_chunk_fwd(
         tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), pr["bias_tensor"], pr["ret_tensor"], lnw, lnb,
-        X0[0], X0[1], P1, P2, A0[0], A0[1], None, *pr["cfg"], 1, grad)
+        X0[0], X0[1], P1, P2, A0[0], A0[1], None, pr["icfg"], pr["fcfg"], grad)
     o, XT = out[0][:, 0], (out[1], out[2])
     new_off = off + 1
     moved = new_off >= C

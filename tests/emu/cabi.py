@@ -16,12 +16,11 @@ from typing import Dict, Optional
 
 import torch
 
+from miras._options import BIAS_CODE, HUBER_CODE, RET_CODE  # the registry's codes (csrc/core/registry.h)
+
 F32, F64, F16, BF16, I64 = 0, 1, 2, 3, 4
 DTYPE_CODE = {torch.float32: F32, torch.float64: F64, torch.float16: F16, torch.bfloat16: BF16, torch.int64: I64}
 DEVICE_CUDA = 1
-BIAS_CODE = {"dot": 0, "l2": 1, "lp": 2, "robust": 6}
-HUBER_CODE = {"yaad": 3, "coord": 4, "norm": 5}
-RET_CODE = {"l2": 0, "kl": 1, "elastic_net": 2, "lq": 3}
 
 
 class Tensor(C.Structure):

@@ -12,10 +12,10 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-BIASES = [("dot", "yaad"), ("l2", "yaad"), ("lp", "yaad"), ("huber", "yaad"), ("huber", "coord"),
-          ("huber", "norm"), ("robust", "yaad")]
-BIAS_IDS = ["dot", "l2", "lp", "huber-yaad", "huber-coord", "huber-norm", "robust"]
-RETENTIONS = ["l2", "kl", "elastic_net", "lq"]
+from conftest import BIAS_IDS, BIAS_MODES, RETENTIONS  # the suite's one table of biases and retentions
+
+BIASES = list(BIAS_MODES)
+NB = len(BIASES)
 CHUNK_DIMS = [(64, 64), (128, 128), (64, 128), (128, 64)]
 
 
@@ -53,13 +53,13 @@ def chunk_cases(full: bool) -> List[Case]:
     out = []
     combos = [(d, c) for d in CHUNK_DIMS for c in (16, 32, 64)]
     if full:
-        for (bi, mom, dt, (dims, C)) in itertools.product(range(7), (False, True), ("bf16", "f16"), combos):
+        for (bi, mom, dt, (dims, C)) in itertools.product(range(NB), (False, True), ("bf16", "f16"), combos):
             Dk, Dv = dims
             out.append(Case(f"chunk-{_bias_name(bi)}-{'mom' if mom else 'nomom'}-{dt}-{Dk}x{Dv}-C{C}", "chunk", dt,
                             *BIASES[bi], "l2", mom, Dk, Dv, C, T=100))
         return out
     i = 0
-    for bi in range(7):
+    for bi in range(NB):
         for mom in (False, True):
             for dt in ("bf16", "f16"):
                 (Dk, Dv), C = combos[(5 * i + bi) % len(combos)]
@@ -89,15 +89,15 @@ def scan_cases(full: bool) -> List[Case]:
     out = []
     dts = ("f32", "f16", "bf16")
     if full:
-        for ri, bi, mom, dt in itertools.product(range(4), range(7), (False, True), dts):
+        for ri, bi, mom, dt in itertools.product(range(len(RETENTIONS)), range(NB), (False, True), dts):
             Dk, Dv = SCAN_DIMS[(ri + bi + mom) % len(SCAN_DIMS)]
             C = (10, 16, 1, 64)[(bi + ri) % 4]
             out.append(Case(f"scan-{RETENTIONS[ri]}-{_bias_name(bi)}-{'mom' if mom else 'nomom'}-{dt}-{Dk}x{Dv}-C{C}",
                             "scan", dt, *BIASES[bi], RETENTIONS[ri], mom, Dk, Dv, C, T=33))
         return out
     i = 0
-    for ri in range(4):
-        for bi in range(7):
+    for ri in range(len(RETENTIONS)):
+        for bi in range(NB):
             for mom in (False, True):
                 dt = dts[i % 3]
                 Dk, Dv = SCAN_DIMS[(3 * i + ri) % len(SCAN_DIMS)]
