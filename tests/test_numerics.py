@@ -21,7 +21,8 @@ residuals, and the float32 safe ranges documented in README.md ("Numerical safe 
   Gradients on the same prefixes are finite wherever the reference's are (and fit the dtype), and
   match it wherever the op's forward is still on the reference's trajectory (float32: also
   against the reference with a near-tie branch decision taken the other way, fuzz_cases.py).
-  Two known library bugs found by these checks are reported as xfail (``_known_gradient_bugs``).
+  (They found two library bugs, now fixed and kept as regressions here: KL gradients with large
+  logits on the AVX2/AVX-512 builds, and the robust bias's float32 VJP overflowing for ‖e‖ > 7e12.)
 - CUDA bf16 versions are skipped without a GPU.
 
 ``MIRAS_FUZZ=full`` runs every variant (CI: a subset, ~20 s).
@@ -451,27 +452,6 @@ if not FULL:  # CI: lp (p = 3) and l2 against every retention, the lq normaliser
     EXTREME_CASES = [c for c in EXTREME_CASES if BIAS_MODES[c[0]][0] in ("lp", "l2") or c[1] == "lq"]
 
 
-def _known_gradient_bugs(bias, ret, dtype, mags_x, e2_max):
-    """Known library bugs (see the messages) that the gradient checks catch outside the safe
-    ranges; the test reports them as xfail instead of failing, once every other check passed."""
-    out = []
-    if ret == "kl" and mags_x >= 1e4:
-        out.append("KL retention with large logits (saturated softmax): where the exact (and the "
-                   "reference's) dX of the read W = c·softmax(X) is 0, the op's keeps a residue that "
-                   "d alpha multiplies by X (dk, d lr by ψ), so the error grows like |X|: (i) AVX2 / "
-                   "AVX-512 builds (not MIRAS_CPU_ISA=portable), float64 and float32: ~u·|X| "
-                   "(float32 1.7e-3 absolute at |X| ~ 1e4 against a total gradient of 2.4), most "
-                   "likely the FMA contraction of `qi * dot[j] - tmp2[j]` in the per-token KL "
-                   "backward (csrc/cpu/chunk_kernels.h), tmp2 = do·o/c being the rounded product; "
-                   "(ii) every build, float32: kl_exp clamps weights below e^-87.3 to ~1.2e-38 "
-                   "instead of 0, visible once |X| >~ 1e35")
-    if bias == "robust" and dtype == torch.float32 and e2_max > F32_MAX ** (2.0 / 3.0):
-        out.append("robust bias, float32 backward: bias_vjp_e forms Δ·e·edpsi / r³, whose r³ overflows "
-                "for residual norms r > 7e12 (inf/inf = NaN) while the forward and the reference's "
-                "gradients are finite")
-    return out
-
-
 @pytest.mark.parametrize("bi,ret,ei", EXTREME_CASES,
                          ids=[f"{BIAS_MODES[b][0]}-{BIAS_MODES[b][1]}-{r}-{EXTREME[e][0]}{EXTREME[e][1]:g}x{EXTREME[e][2]:g}"
                               for b, r, e in EXTREME_CASES])
@@ -535,12 +515,8 @@ def test_outside_safe_range_nonfinite_only_where_reference_leaves_float32(bi, re
             failures += [(torch.float32 if "float32" in f.split(",")[0] else torch.float64, f)
                          for f in _grad_failures(args, kw, n, dts)]
     if failures:
-        x_max = float(s_ref.X.abs().max()) if bool(torch.isfinite(s_ref.X).all()) else math.inf
-        e2_max = max([e2 for e2, _ in limits[: max(n32 // C, 1)]] or [0.0])
-        known = [_known_gradient_bugs(bias, ret, dt, x_max, e2_max) for dt, _ in failures]
-        if all(known):
-            pytest.xfail("known bug(s): " + "; ".join(sorted({r for k in known for r in k})) + " — "
-                         + "; ".join(f for _, f in failures))
+        # (These checks found two library bugs, fixed on 2026-12-07: the KL read VJP under a
+        # saturated softmax on the FMA builds, and the robust bias's float32 VJP overflowing r^3.)
         raise AssertionError("; ".join(f for _, f in failures))
 
 

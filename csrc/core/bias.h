@@ -129,9 +129,9 @@ MIRAS_HD A bias_vjp_e(const BiasArgs<A>& b, A e, A dpsi, A sumsq, A edpsi) {
       if (n <= b.param) return dpsi;
       return (b.param / n) * (dpsi - e * edpsi / (n * n));
     }
-    case kBiasRobust: {
+    case kBiasRobust: {  // Delta e edpsi / r^3 as three ratios: r^3 overflows float32 from r ~ 7e12
       A r = m_sqrt(sumsq + b.eps);
-      return (A(1) + b.param / r) * dpsi - b.param * e * edpsi / (r * r * r);
+      return (A(1) + b.param / r) * dpsi - (b.param / r) * (e / r) * (edpsi / r);
     }
     default:
       return dpsi;

@@ -11,6 +11,17 @@
 namespace miras {
 namespace cpu {
 
+// MIRAS_CPU_ISA: "portable", "avx2", "avx512" (the default: the best the CPU has), or unset. Any
+// other value is an error (a misspelt cap would otherwise silently run the default code).
+static const char* isa_cap() {
+  const char* e = std::getenv("MIRAS_CPU_ISA");
+  if (!e || !*e) return "";
+  const std::string s(e);
+  if (s != "portable" && s != "avx2" && s != "avx512")
+    throw std::invalid_argument("MIRAS_CPU_ISA must be portable, avx2 or avx512 (or unset), got '" + s + "'");
+  return e;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(MIRAS_CPU_NO_AVX2)
 namespace avx2 {
 void run_fwd(const ChunkFwdParams& p);
@@ -18,9 +29,7 @@ void run_bwd(const ChunkBwdParams& p);
 }  // namespace avx2
 bool use_avx2() {
   static const bool ok = [] {
-    if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
-      if (std::string(e) == "portable") return false;
-    }
+    if (std::string(isa_cap()) == "portable") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
@@ -32,10 +41,8 @@ void run_bwd_l2(const ChunkBwdParams& p);
 // AVX-512 is used for the retention-l2 backward only (chunk_cpu_avx512.cpp).
 static bool use_avx512() {
   static const bool ok = [] {
-    if (const char* e = std::getenv("MIRAS_CPU_ISA")) {
-      const std::string s(e);
-      if (s == "portable" || s == "avx2") return false;
-    }
+    const std::string s(isa_cap());
+    if (s == "portable" || s == "avx2") return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&

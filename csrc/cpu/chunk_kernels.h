@@ -266,11 +266,13 @@ void transpose(int64_t r, int64_t c, const T* MIRAS_RESTRICT in, T* MIRAS_RESTRI
 
 // exp of the per-token KL softmax. float: Cephes-style range reduction and degree-6 polynomial
 // (about 2 ulp), written without calls or branches so that the loops around it vectorise (libm's
-// expf is an opaque call); arguments are clamped to [-87.3, 88.3]. The softmax arguments are
-// x - max <= 0, so the clamp only flushes weights below e^-87 (~1e-38) to that value.
+// expf is an opaque call); arguments are clamped to [-87.3, 88.3], and below -87.3 the result is 0
+// (the softmax arguments are x - max <= 0: a weight below e^-87.3 ~ 1.2e-38 is flushed to 0, not
+// held at that floor, whose gradient terms would grow with the logits).
 // double (the gradcheck precision): libm's exp.
 inline float kl_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
+  const bool tiny = x < -87.3f;
+  x = tiny ? -87.3f : x;
   x = x > 88.3f ? 88.3f : x;
   const float fx = x * 1.44269504088896341f;
   const int32_t ni = int32_t(fx + (fx < 0.f ? -0.5f : 0.5f));
@@ -288,7 +290,7 @@ inline float kl_exp(float x) {
   const int32_t bits = (ni + 127) << 23;
   float p2;
   std::memcpy(&p2, &bits, sizeof(p2));
-  return y * p2;
+  return tiny ? 0.f : y * p2;
 }
 inline double kl_exp(double x) { return m_exp(x); }
 
@@ -296,6 +298,7 @@ inline double kl_exp(double x) { return m_exp(x); }
 template <typename V>
 inline V kl_exp_v(V x) {
   typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const VI tiny = x < -87.3f;
   x = x < -87.3f ? V{} - 87.3f : x;
   x = x > 88.3f ? V{} + 88.3f : x;
   const V fx = x * 1.44269504088896341f;
@@ -313,7 +316,8 @@ inline V kl_exp_v(V x) {
   y = y * r + 5.0000001201E-1f;
   y = y * r2 + r + 1.0f;
   const VI bits = (ni + 127) << 23;
-  return y * (V)bits;
+  const V out = y * (V)bits;
+  return tiny ? V{} : out;
 }
 
 // out[j] = exp(x[j] - m[j]) for j < n (vectorised for float).
@@ -766,9 +770,13 @@ inline void token_bwd(const Cfg<T>& cf, int64_t Dk, int64_t Dv, const T* MIRAS_R
     }
   }
   if constexpr (RET == kRetKL) {
-    // tmp2[j] = do_j * o_j / c (the column term of the softmax VJP)
+    // tmp2[j] = o_j / c = sum_i q~_i softmax_ij: the column term of the softmax VJP
+    // dZ_ij = W_ij do_j (q~_i - o_j / c). Written as a difference of q~ values (not as
+    // q~_i do_j - do_j o_j / c, which an FMA contracts into exact - rounded): where the softmax
+    // saturates, q~_i - o_j / c is exactly 0 as the exact VJP is, instead of a residue ~u|q~ do|
+    // that d alpha = <X, dZ> multiplies by the (large) logits.
     const T* ov = aux + 2 * Dv;
-    for (int64_t j = 0; j < Dv; ++j) tmp2[j] = dot[j] * ov[j] / cf.c;
+    for (int64_t j = 0; j < Dv; ++j) tmp2[j] = ov[j] / cf.c;
   }
   int64_t i_start = 0;
   if constexpr ((RET == kRetL2 || RET == kRetElasticNet) && !MOM) {
@@ -828,7 +836,7 @@ MIRAS_SIMD_REDUCE(dqi)
       for (int64_t j = 0; j < Dv; ++j) {
         const T wv = tmp[j];
         dqi += dot[j] * wv;
-        tmp[j] = dx[j] + wv * (qi * dot[j] - tmp2[j]);
+        tmp[j] = dx[j] + wv * dot[j] * (qi - tmp2[j]);
       }
       dq[i] = scale * dqi;
     } else if constexpr (RET == kRetLq) {
