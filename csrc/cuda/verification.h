@@ -46,9 +46,10 @@ struct HardwareRun {
 //   - the registry (registry.h: bias_known in the support checks, bias_needs_split moved to
 //     core/bias.h) and the launch helper launch_state_kernel (host code): ef6355b's sources and
 //     these give identical PTX for every family (`tools/ptx_compare.py --rev ef6355b`, 2026-12-07).
-// The shared math of csrc/core (bias.h, retention.h: the Huber-tie, smooth-sign and lq-overflow
-// fixes of 2026-11-26) changed between ea605d0 and ef6355b and is verified on the CPU and in the
-// emulator only (see the closing notes).
+// The shared math of csrc/core is not part of the fingerprints (families.txt `shared`): its changes
+// since ea605d0 — the Huber-tie, smooth-sign and lq-overflow fixes of 2026-11-26 and the robust VJP
+// as three ratios of 8c1cd3a (r^3 overflowed float32) — are verified on the CPU and in the emulator
+// only; they change the device code of the kernels that include them (not re-run on hardware).
 // capi (the C ABI's two bookkeeping kernels): never ran on hardware.
 inline const HardwareRun kHardwareRuns[] = {
     {"chunk_l2", MIRAS_FP_CHUNK_L2, 0x89da0129282d82d8ull, "NVIDIA H200", "ea605d0", "2026-11-26",
