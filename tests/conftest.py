@@ -170,7 +170,7 @@ def make_inputs(B=2, T=37, H=2, Dk=8, Dv=6, dtype=torch.float64, device="cpu", m
 
 
 _CFG_DEFAULTS = dict(bias=1, retention=0, chunk_size=64, p=3.0, eps=1e-6, bias_param=1.0, ret_param=0.0, kl_scale=1.0,
-                     q_norm=4.0, eps_q=1e-6, scale=1.0)
+                     q_norm=4.0, eps_q=1e-6, scale=1.0, map_schedule=0)
 
 
 def op_cfg(**fields):

@@ -121,7 +121,8 @@ def build(case, requires_grad=True):
         # float16 that is torch's rounding, not the op's, so broadcast gates stay float32 here
         gdt = torch.float32
     sdt = torch.float64 if dt == torch.float64 else torch.float32
-    kw = dict(bias=case["bias"], retention=case["retention"], chunk_size=case["C"])
+    kw = dict(bias=case["bias"], retention=case["retention"], chunk_size=case["C"],
+              map_schedule=case.get("map_schedule", "token"))
     params = {}
     bias, hm = case["bias"], case["huber_mode"]
     if bias == "huber":

@@ -30,7 +30,7 @@ from miras.state import MemoryState
 
 _ORDER = miras._C.config_fields()
 _CFG_DEFAULTS = dict(bias=1, retention=0, chunk_size=64, p=3.0, eps=1e-6, bias_param=1.0, ret_param=0.0, kl_scale=1.0,
-                     q_norm=4.0, eps_q=1e-6, scale=1.0)
+                     q_norm=4.0, eps_q=1e-6, scale=1.0, map_schedule=0)
 
 
 def op_cfg(**fields):
@@ -204,6 +204,7 @@ SCALAR_BAD = {
     "eps_q": [0.0, -1.0, math.nan],
     "scale": [math.nan, math.inf, -math.inf, "x", True],
     "chunk_size": [0, -1, 1.5, True, "4", None, 2.0],
+    "map_schedule": ["chunks", "paper", "Token", 1, None, ""],
 }
 
 
@@ -441,7 +442,7 @@ def m_raw_fwd(base, rng):
     args = raw_fwd_args(base)
     B, T, H, Dk, Dv, N = base.B, base.T, base.H, base.Dk, base.Dv, base.N
     kind = rng.choice(["q_rank", "k_shape", "v_shape", "gate_shape", "param_shape", "state_shape", "cu_bad",
-                       "cu_float", "chunk", "bias_code", "ret_code", "int_dtype", "device", "strided",
+                       "cu_float", "chunk", "schedule_code", "bias_code", "ret_code", "int_dtype", "device", "strided",
                        "huge_chunk", "lp_p", "lq_q", "empty_dims"])
     i = None
     want = None
@@ -477,6 +478,12 @@ def m_raw_fwd(base, rng):
     elif kind == "chunk":
         args[12:14] = cfg_set(args[12:14], chunk_size=rng.choice([0, -1, -(2 ** 62)]))
         want = r"chunk_size"
+    elif kind == "schedule_code":  # an unknown code, or 'chunk' with a retention the backends do not run it for
+        if rng.random() < 0.5:
+            args[12:14] = cfg_set(args[12:14], map_schedule=rng.choice([-1, 2, 7]))
+        else:
+            args[12:14] = cfg_set(args[12:14], map_schedule=1, retention=rng.choice([1, 2, 3]))
+        want = r"map_schedule"
     elif kind == "bias_code":
         args[12:14] = cfg_set(args[12:14], bias=rng.choice([-1, 7, 100]))
         want = r"bias"

@@ -556,7 +556,7 @@ def test_mlp_cuda_uses_the_reference(seed):
     dev = lambda x: x.cuda() if isinstance(x, torch.Tensor) else x  # noqa: E731
     ex = dict(extra, W=tuple(map(dev, extra["W"])), P=tuple(map(dev, extra["P"])),
               ln_weight=dev(extra["ln_weight"]), ln_bias=dev(extra["ln_bias"]))
-    ops._MLP_WARNED = False
+    ops._WARNED.discard("mlp")
     with pytest.warns(UserWarning, match="no fused CUDA kernel"):
         o, s = call(miras.memory_update, [dev(a) for a in args], {k: dev(v) for k, v in kw.items()}, ex, 4)
     assert_close(o, o_cpu, F64_TOL, "o (CUDA reference vs CPU op)")

@@ -44,7 +44,7 @@
 extern "C" {
 #endif
 
-#define MIRAS_ABI_VERSION 1
+#define MIRAS_ABI_VERSION 2
 
 /* ---- status ------------------------------------------------------------------------------- */
 typedef enum miras_status {
@@ -112,12 +112,14 @@ typedef struct miras_config {
   double eps_q;        /* floor of the lq norm, > 0 (1e-6) */
   double scale;        /* query scale (Dk^-1/2 from miras_config_init) */
   int64_t chunk_size;  /* C >= 1 (64); for miras_step the step's C (1 = exact online GD) */
+  int64_t map_schedule; /* 0: the maps per token (SPEC §5, default); 1: at chunk starts (SPEC §5b) —
+                           so far only with retention l2, where both are the same computation */
 } miras_config;
 
 /* The fields of miras_config with the name and meaning of the backends' configuration
  * (csrc/core/params.h MemoryConfig): the library copies these one to one (the others — bias,
  * retention and the per-token parameters' scalars — are mapped explicitly). */
-#define MIRAS_CONFIG_SHARED_FIELDS(X) X(p) X(eps) X(kl_scale) X(q_norm) X(eps_q) X(scale) X(chunk_size)
+#define MIRAS_CONFIG_SHARED_FIELDS(X) X(p) X(eps) X(kl_scale) X(q_norm) X(eps_q) X(scale) X(chunk_size) X(map_schedule)
 
 /* Where and how a call runs. */
 typedef struct miras_exec {

@@ -640,6 +640,7 @@ miras_status miras_config_init(miras_config* config, int64_t head_dim_k) {
     config->eps_q = d.eps_q;
     config->scale = head_dim_k > 0 ? 1.0 / std::sqrt(static_cast<double>(head_dim_k)) : 1.0;
     config->chunk_size = d.chunk_size;
+    config->map_schedule = d.map_schedule;
   });
 }
 

@@ -35,6 +35,9 @@ MIRAS_BIASES(MIRAS_CODE_CHECK_)
 inline constexpr bool bias_known(int32_t b) { return b >= 0 && b < kNumBiases; }
 inline constexpr bool retention_known(int32_t r) { return r >= 0 && r < kNumRetentions; }
 
+// When the retention's read map is applied (SPEC §5 / §5b). For retention l2 both are one computation.
+enum MapSchedule : int32_t { kMapToken = 0, kMapChunk = 1 };
+
 enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Scalar configuration of one op call. Tensor-valued parameters live in the params structs.
@@ -50,12 +53,13 @@ struct MemoryConfig {
   double eps_q = 1e-6;       // floor of the lq norm
   double scale = 1.0;        // query scale (q~ = scale * q)
   int64_t chunk_size = 64;   // C >= 1
+  int64_t map_schedule = kMapToken;  // SPEC §5 (token) or §5b (chunk)
 };
 
 // The fields of a MemoryConfig as the op schema carries them: two arrays, int64 and float64, in
 // this order (problem.h: decode_config; Python: miras._C.config_fields()). A new scalar option is a
 // field above and a line here; no front end enumerates them.
-#define MIRAS_CONFIG_INTS(X) X(bias) X(retention) X(chunk_size)
+#define MIRAS_CONFIG_INTS(X) X(bias) X(retention) X(chunk_size) X(map_schedule)
 #define MIRAS_CONFIG_FLOATS(X) X(p) X(eps) X(bias_param) X(ret_param) X(kl_scale) X(q_norm) X(eps_q) X(scale)
 
 // ---- chunked forward ------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "names.h"
 #include "params.h"
 
 namespace miras {
@@ -42,6 +43,20 @@ constexpr size_t kConfigInts = 0 MIRAS_CONFIG_INTS(MIRAS_ONE_);
 constexpr size_t kConfigFloats = 0 MIRAS_CONFIG_FLOATS(MIRAS_ONE_);
 #undef MIRAS_ONE_
 
+// map_schedule (SPEC §5 / §5b): "" when these backends compute it. SPEC §5b for the map retentions
+// (kl, lq, elastic_net) is computed by miras.reference so far (the torch ops route it there); the
+// C++/CUDA backends run it only where it equals SPEC §5 (retention l2).
+inline std::string schedule_error(const MemoryConfig& c) {
+  if (c.map_schedule != kMapToken && c.map_schedule != kMapChunk)
+    return "map_schedule: unknown code " + std::to_string(c.map_schedule) + " (0 token, 1 chunk)";
+  if (c.map_schedule == kMapChunk && c.retention != kRetL2)
+    return std::string("map_schedule='chunk' with retention ") + retention_name(c.retention) +
+           " is not implemented in the C++/CUDA backends yet (only with retention l2, where it equals "
+           "'token'); use map_schedule='token', or the torch ops (miras.memory_update), which run it "
+           "through miras.reference";
+  return "";
+}
+
 // The op's configuration arrays (params.h: MIRAS_CONFIG_INTS / MIRAS_CONFIG_FLOATS) as a
 // MemoryConfig. Wrong lengths and unknown bias/retention codes are rejected here; value ranges are
 // config_error's (and the backends') checks.
@@ -63,6 +78,7 @@ inline MemoryConfig decode_config(const int64_t* ints, size_t n_ints, const doub
     throw std::invalid_argument("miras: unknown retention code " + std::to_string(c.retention));
   if (c.chunk_size < 1)
     throw std::invalid_argument("miras: chunk_size must be >= 1, got " + std::to_string(c.chunk_size));
+  if (const std::string e = schedule_error(c); !e.empty()) throw std::invalid_argument("miras: " + e);
   return c;
 }
 
@@ -88,6 +104,7 @@ inline std::string config_error(const MemoryConfig& c, bool bias_tensor, bool re
   if (c.chunk_size < 1) return "chunk_size must be >= 1 (got " + std::to_string(c.chunk_size) + ")";
   if (!bias_known(c.bias)) return "bias: unknown kind " + std::to_string(c.bias);
   if (!retention_known(c.retention)) return "retention: unknown kind " + std::to_string(c.retention);
+  if (const std::string e = schedule_error(c); !e.empty()) return e;
   if (c.retention == kRetLq) {
     if (!(c.q_norm >= 2.0)) return "q (lq retention) must be >= 2 (got " + num(c.q_norm) + ")";
     if (!(c.eps_q > 0.0)) return "eps_q (lq retention) must be > 0 (got " + num(c.eps_q) + ")";

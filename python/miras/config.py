@@ -23,13 +23,18 @@ from ._options import config_codes, fail, param_names, resolve_scale
 # Per-token parameters and their default values (the registry names the parameter of each choice).
 PARAM_DEFAULTS = {"delta": 1.0, "robust_delta": 0.0, "gamma": 0.0}
 MEMORIES = ("linear", "mlp")
+# When the retention's read map is applied (SPEC §5 / §5b), with the codes of csrc/core/params.h.
+MAP_SCHEDULES = {"token": 0, "chunk": 1}
 _FIELDS = _C.config_fields()
 
 
 @dataclass(frozen=True)
 class Config:
     """The scalar configuration of a Miras memory (SPEC §3-§6). Frozen and hashable; ``replace``
-    makes a changed copy. ``scale=None`` means Dk**-0.5 for the linear memory, 1 for the MLP one."""
+    makes a changed copy. ``scale=None`` means Dk**-0.5 for the linear memory, 1 for the MLP one.
+    ``map_schedule``: ``"token"`` applies the retention's read map after every token (SPEC §5, exact
+    online descent at ``chunk_size=1``); ``"chunk"`` applies it at chunk starts and moves the read
+    memory linearly inside a chunk (SPEC §5b, the paper's parallel form). Equal for retention l2."""
 
     memory: str = "linear"
     bias: str = "l2"
@@ -42,6 +47,7 @@ class Config:
     eps_q: float = 1e-6
     chunk_size: int = 64
     scale: Optional[float] = None
+    map_schedule: str = "token"
 
     def __post_init__(self):
         if self.memory not in MEMORIES:
@@ -51,6 +57,8 @@ class Config:
                      self.eps_q, self.chunk_size)
         if self.scale is not None:
             resolve_scale(self.scale, 1)
+        if self.map_schedule not in MAP_SCHEDULES:
+            fail(f"map_schedule must be one of {tuple(MAP_SCHEDULES)}, got {self.map_schedule!r}")
 
     # ---- construction from keyword options -----------------------------------------------------
     @classmethod
@@ -98,7 +106,7 @@ class Config:
         bias_code, ret_code = self.codes()
         values = self.as_dict()
         values.update(bias=bias_code, retention=ret_code, bias_param=float(bias_scalar), ret_param=float(ret_scalar),
-                      scale=self.resolved_scale(Dk))
+                      scale=self.resolved_scale(Dk), map_schedule=MAP_SCHEDULES[self.map_schedule])
         if chunk_size is not None:
             values["chunk_size"] = chunk_size
         try:
@@ -107,6 +115,11 @@ class Config:
         except KeyError as e:  # a field of MemoryConfig (C++) that this class does not know
             raise RuntimeError(f"miras: Config has no value for the backend's configuration field {e}") from None
         return ints, floats
+
+    @property
+    def chunk_maps(self) -> bool:
+        """SPEC §5b with a map retention (kl, lq, elastic_net): the read memory differs from φ(X)."""
+        return self.map_schedule == "chunk" and self.retention != "l2"
 
     def reference_kwargs(self) -> Dict[str, Any]:
         """The options as keywords of miras.reference's functions."""

@@ -17,7 +17,7 @@ Rules
   torch input; for any other DLPack producer (or when that library is not importable) the outputs
   are torch tensors. Returned arrays share memory with the op's results (no copy), and a state's
   ``anchor`` may share memory with its ``X``.
-- States are :class:`ArrayState` (X, P, anchor, offset): the fields of :class:`miras.MemoryState`
+- States are :class:`ArrayState` (X, P, anchor, offset, R): the fields of :class:`miras.MemoryState`
   as arrays. Any object with those attributes (a ``MemoryState`` included) is accepted as input.
 - Forward only: nothing here records gradients (use the torch API, or the C ABI's
   ``miras_chunk_bwd``, for the backward).
@@ -39,12 +39,14 @@ __all__ = ["ArrayState", "memory_update", "memory_step", "to_torch", "from_torch
 class ArrayState(NamedTuple):
     """The memory's state as arrays (see :class:`miras.MemoryState`): raw state ``X``
     [N, H, Dk, Dv], momentum ``P`` (or None), ``anchor`` (the raw state at the last chunk
-    boundary) and ``offset`` [N] int64 (tokens since that boundary)."""
+    boundary), ``offset`` [N] int64 (tokens since that boundary) and ``R``, the read memory of
+    ``map_schedule="chunk"`` (or None)."""
 
     X: Any
     P: Optional[Any] = None
     anchor: Optional[Any] = None
     offset: Optional[Any] = None
+    R: Optional[Any] = None
 
 
 def to_torch(x, name: str, pair: bool = False):
@@ -112,13 +114,14 @@ def _state_in(state, name: str) -> Optional[MemoryState]:
     X = to_torch(state.X, f"{name}.X", pair=True)
     P = to_torch(state.P, f"{name}.P", pair=True)
     anchor = to_torch(state.anchor, f"{name}.anchor", pair=True)
-    return MemoryState(X=X, P=P, anchor=anchor, offset=to_torch(state.offset, f"{name}.offset"))
+    R = to_torch(getattr(state, "R", None), f"{name}.R", pair=True)
+    return MemoryState(X=X, P=P, anchor=anchor, offset=to_torch(state.offset, f"{name}.offset"), R=R)
 
 
 def _state_out(st: Optional[MemoryState], kind: str) -> Optional[ArrayState]:
     if st is None:
         return None
-    return ArrayState(*(from_torch(x, kind) for x in (st.X, st.P, st.anchor, st.offset)))
+    return ArrayState(*(from_torch(x, kind) for x in (st.X, st.P, st.anchor, st.offset, st.R)))
 
 
 _PARAMS = ("delta", "robust_delta", "gamma")

@@ -254,6 +254,11 @@ def _options(config, options):
     if cfg.memory != "linear":
         fail(f"miras.jax supports memory='linear' only, got {cfg.memory!r} (the MLP memory runs in the torch front "
              f"end, miras.memory_update)")
+    if cfg.chunk_maps:
+        raise NotImplementedError(
+            f"miras.jax: map_schedule='chunk' with retention {cfg.retention!r} (SPEC §5b) is not implemented in the "
+            f"JAX front end yet (only with retention 'l2', where it equals 'token'); the torch front end "
+            f"(miras.memory_update) computes it")
     return cfg, params
 
 

@@ -162,17 +162,23 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in ts)
 
 
-_MLP_WARNED = False
+_WARNED = set()
+_FALLBACK_WHY = {
+    "mlp": "memory='mlp' has no fused CUDA kernel yet (issue 5); on CUDA tensors it runs through the PyTorch "
+           "reference implementation (correct, not fast). CPU tensors use the C++ op.",
+    "chunk_maps": "map_schedule='chunk' with retention kl, lq or elastic_net runs through the PyTorch reference "
+                  "(miras.reference: correct and differentiable, a Python loop over chunks, not fast); the fused "
+                  "CPU/CUDA paths are not written yet.",
+}
 
 
-def _mlp_fallback(fn_name, *args, **kwargs):
-    """memory='mlp' on a non-CPU device: the PyTorch reference (no fused CUDA kernel yet, issue 5)."""
-    global _MLP_WARNED
-    if not _MLP_WARNED:
-        warnings.warn("miras: memory='mlp' has no fused CUDA kernel yet (issue 5); on CUDA tensors it runs "
-                      "through the PyTorch reference implementation (correct, not fast). CPU tensors use the "
-                      "C++ op.", stacklevel=3)
-        _MLP_WARNED = True
+def _reference_fallback(why, fn_name, *args, **kwargs):
+    """What no backend computes yet, through the PyTorch reference (warns once per reason):
+    ``why="mlp"``, memory='mlp' on a non-CPU device; ``why="chunk_maps"``, map_schedule='chunk' with
+    retention kl / lq / elastic_net (SPEC §5b)."""
+    if why not in _WARNED:
+        warnings.warn("miras: " + _FALLBACK_WHY[why], stacklevel=3)
+        _WARNED.add(why)
     from . import reference
 
     return getattr(reference, fn_name)(*args, **kwargs)
@@ -292,6 +298,13 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[
     (``torch.ops.miras.mlp_chunk_fwd``); CUDA tensors the PyTorch reference (warns once).
     """
     cfg, params = Config.split(config, **options)
+    if cfg.chunk_maps:
+        if check_inputs and cfg.memory == "linear":
+            _prepare(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, cu_seqlens=cu_seqlens, check_inputs=True)
+        return _reference_fallback("chunk_maps", "memory_update_chunked", q, k, v, lr, alpha, momentum,
+                                     initial_state=initial_state, output_final_state=output_final_state,
+                                     cu_seqlens=cu_seqlens, ln_weight=ln_weight, ln_bias=ln_bias,
+                                     expansion=expansion, **cfg.reference_kwargs(), **params)
     if cfg.memory == "mlp":
         return _mlp_update(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, ln_weight=ln_weight,
@@ -369,7 +382,7 @@ def _mlp_update(q, k, v, lr, alpha, momentum, *, cfg, params, initial_state, out
                 _fail("initial_state.anchor differs from initial_state.X at offset 0; at a chunk boundary the "
                       "anchor is the state itself")
     if q.device.type != "cpu":
-        return _mlp_fallback("memory_update_chunked", q, k, v, lr, alpha, momentum,
+        return _reference_fallback("mlp", "memory_update_chunked", q, k, v, lr, alpha, momentum,
                              **cfg.replace(scale=pr["scale"]).reference_kwargs(), **params,
                              initial_state=initial_state, output_final_state=output_final_state,
                              cu_seqlens=cu_seqlens, ln_weight=lnw, ln_bias=lnb, expansion=None)
@@ -483,6 +496,14 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, exact=
     def tok(t):
         return t.unsqueeze(1) if isinstance(t, Tensor) else t
 
+    if cfg.chunk_maps:
+        if check_inputs and memory == "linear":
+            _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=cfg,
+                     params={n: tok(x) for n, x in params.items()}, cu_seqlens=None, check_inputs=True, chunk_size=1)
+        return _reference_fallback("chunk_maps", "memory_step", q, k, v, lr, alpha, momentum, state=state, exact=exact,
+                                     ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
+                                     **cfg.reference_kwargs(), **params)
+
     # The op runs one token as a chunk of one (chunk_size 1), the anchor being the state's.
     pr = _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=cfg,
                   params={n: tok(x) for n, x in params.items()}, cu_seqlens=None, check_inputs=check_inputs,
@@ -528,7 +549,7 @@ def _mlp_step(q, k, v, lr, alpha, momentum, tok, pr, C, *, state, expansion, ln_
     if check_inputs:
         _check_values((off >= 0) & (off < C), f"state.offset must lie in [0, chunk_size={C})")
     if q.device.type != "cpu":
-        return _mlp_fallback("memory_step", q, k, v, lr, alpha, momentum, state=state, ln_weight=lnw, ln_bias=lnb,
+        return _reference_fallback("mlp", "memory_step", q, k, v, lr, alpha, momentum, state=state, ln_weight=lnw, ln_bias=lnb,
                              expansion=None, **ref_kw)
     P1, P2 = (None, None) if (momentum is None or P0 is None) else P0
     grad = _needs_grad(q, k, v, lr, alpha, momentum, pr["bias_tensor"], pr["ret_tensor"], lnw, lnb, *X0, P1, P2,

@@ -53,6 +53,7 @@ _BIASES = ("dot", "l2", "lp", "huber", "robust")
 _HUBER_MODES = ("yaad", "coord", "norm")
 _RETENTIONS = ("l2", "kl", "elastic_net", "lq")
 _MEMORIES = ("linear", "mlp")
+_MAP_SCHEDULES = ("token", "chunk")
 LN_EPS = 1e-5  # LayerNorm epsilon of the MLP memory (SPEC §6)
 
 
@@ -117,6 +118,12 @@ class _Cfg:
     eps_q: float
     ln_weight: Optional[Tensor]   # [H, Dv] or None
     ln_bias: Optional[Tensor]
+    map_schedule: str = "token"   # SPEC §5 ("token") or §5b ("chunk")
+
+    @property
+    def chunk_maps(self) -> bool:
+        """SPEC §5b with a map that differs from the l2 recurrence: tokens read the memory R."""
+        return self.map_schedule == "chunk" and self.retention != "l2"
 
 
 def _phi(X: Tensor, cfg: _Cfg) -> Tensor:
@@ -150,13 +157,15 @@ def _mat(x):
     return x
 
 
-def _token_update(X, P, lefts, rights, alpha, beta, gamma, cfg: _Cfg):
+def _token_update(X, P, lefts, rights, alpha, beta, gamma, cfg: _Cfg, R=None):
     """One token's exact state recurrence (SPEC §4/§5.2) for every matrix of the memory.
 
     X, P: tuples of [N, H, a, b] (P None without momentum); lefts/rights: per matrix [N, H, a]
     and [N, H, b] rows whose outer product is the lr-scaled gradient η_t G_t;
-    alpha, beta, gamma: [N, H] (gamma may be a float)."""
-    newX, newP = [], []
+    alpha, beta, gamma: [N, H] (gamma may be a float). R (SPEC §5b, or None): the read memory,
+    moved by the l2 recurrence R_t = α_t R_{t−1} + U_t with the same update U_t.
+    Returns (X, P, R)."""
+    newX, newP, newR = [], [], []
     for m in range(len(X)):
         G = lefts[m][..., :, None] * rights[m][..., None, :]
         if P is not None:
@@ -169,7 +178,9 @@ def _token_update(X, P, lefts, rights, alpha, beta, gamma, cfg: _Cfg):
         if cfg.retention == "elastic_net":
             Xm = _soft(Xm, _mat(gamma))
         newX.append(Xm)
-    return tuple(newX), (tuple(newP) if P is not None else None)
+        if R is not None:
+            newR.append(_mat(alpha) * R[m] + U)
+    return tuple(newX), (tuple(newP) if P is not None else None), (tuple(newR) if R is not None else None)
 
 
 # =============================================================================================
@@ -295,8 +306,28 @@ def _pack(t, memory):
     return t[0] if memory == "linear" else tuple(t)
 
 
-def _prepare_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, cdt, device):
-    """→ (X, P, anchor, offset): tuples of [N, H, a, b] in cdt; P None without momentum."""
+def _prepare_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, cdt, device, cfg: _Cfg):
+    """→ (X, P, anchor, R, offset): tuples of [N, H, a, b] in cdt; P None without momentum; R (the
+    read memory of SPEC §5b) None unless ``cfg.chunk_maps``: the state's R where offset > 0, φ(X)
+    where offset == 0."""
+    X, P, A, off = _prepare_raw_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, cdt, device)
+    if not cfg.chunk_maps:
+        return X, P, A, None, off
+    R0 = _tuple(getattr(initial_state, "R", None))
+    W = _phis(X, cfg)
+    if R0 is None:
+        if bool((off > 0).any()):
+            raise ValueError("initial_state.R (the read memory) is required where offset > 0 with "
+                             "map_schedule='chunk'; pass the state the op returned")
+        return X, P, A, W, off
+    if len(R0) != len(X) or any(tuple(r.shape) != tuple(x.shape) for r, x in zip(R0, X)):
+        raise ValueError("initial_state.R must have the shapes of initial_state.X")
+    mid = (off > 0)[:, None, None, None]
+    return X, P, A, tuple(torch.where(mid, r.to(cdt), w) for r, w in zip(R0, W)), off
+
+
+def _prepare_raw_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, cdt, device):
+    """→ (X, P, anchor, offset)."""
     if initial_state is None:
         if memory == "mlp":
             raise ValueError("memory='mlp' requires an initial_state (its zero state has zero "
@@ -338,7 +369,7 @@ def _prepare_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, cdt,
     return X, P, A, off
 
 
-def _check(memory, bias, retention, huber_mode, chunk_size):
+def _check(memory, bias, retention, huber_mode, chunk_size, map_schedule="token"):
     if memory not in _MEMORIES:
         raise ValueError(f"memory must be one of {_MEMORIES}, got {memory!r}")
     if bias not in _BIASES:
@@ -349,15 +380,17 @@ def _check(memory, bias, retention, huber_mode, chunk_size):
         raise ValueError(f"retention must be one of {_RETENTIONS}, got {retention!r}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if map_schedule not in _MAP_SCHEDULES:
+        raise ValueError(f"map_schedule must be one of {_MAP_SCHEDULES}, got {map_schedule!r}")
 
 
 def _run(seq_fn, q, k, v, lr, alpha, momentum, *, memory, bias, retention, p, eps, delta,
          huber_mode, robust_delta, gamma, kl_scale, q_norm, eps_q, chunk_size, scale,
          initial_state, output_final_state, cu_seqlens, ln_weight, ln_bias, expansion,
-         require_zero_offset):
+         require_zero_offset, map_schedule="token"):
     """Shared driver of memory_update_loop / memory_update_chunked: layout, dtype, state,
     varlen segments; ``seq_fn`` processes a batch of equal-length sequences."""
-    _check(memory, bias, retention, huber_mode, chunk_size)
+    _check(memory, bias, retention, huber_mode, chunk_size, map_schedule)
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, Dk] and v [B, T, H, Dv]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -375,7 +408,7 @@ def _run(seq_fn, q, k, v, lr, alpha, momentum, *, memory, bias, retention, p, ep
     cfg = _Cfg(memory, bias, retention, float(p), float(eps), huber_mode, float(kl_scale),
                float(q_norm), float(eps_q),
                None if ln_weight is None else ln_weight.to(cdt),
-               None if ln_bias is None else ln_bias.to(cdt))
+               None if ln_bias is None else ln_bias.to(cdt), map_schedule)
     for name, w in (("ln_weight", cfg.ln_weight), ("ln_bias", cfg.ln_bias)):
         if w is not None and tuple(w.shape) != (H, Dv):
             raise ValueError(f"{name} must be [H, Dv] = {(H, Dv)}, got {tuple(w.shape)}")
@@ -402,60 +435,64 @@ def _run(seq_fn, q, k, v, lr, alpha, momentum, *, memory, bias, retention, p, ep
         if N < 1 or bounds[0] != 0 or bounds[-1] != T or any(
                 b1 < b0 for b0, b1 in zip(bounds[:-1], bounds[1:])):
             raise ValueError("cu_seqlens must start at 0, be non-decreasing and end at T")
-    X, P, A, off = _prepare_state(initial_state, N, H, Dk, Dv, memory, be is not None,
-                                  expansion, cdt, dev)
+    X, P, A, R, off = _prepare_state(initial_state, N, H, Dk, Dv, memory, be is not None,
+                                     expansion, cdt, dev, cfg)
     if require_zero_offset and bool((off != 0).any()):
         raise ValueError("the chunked op needs initial_state.offset == 0 (a state in the middle "
                          "of a chunk); finish the chunk with memory_step or use "
                          "memory_update_loop")
 
     if bounds is None:
-        O, X, P, A, off = seq_fn(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, off, C, cfg)
+        O, X, P, A, R, off = seq_fn(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, R, off, C, cfg)
     else:
-        outs, Xs, Ps, As, offs = [], [], [], [], []
+        outs, Xs, Ps, As, Rs, offs = [], [], [], [], [], []
         for n in range(N):
             s, e = bounds[n], bounds[n + 1]
             pick = lambda t: None if t is None else tuple(x[n:n + 1] for x in t)  # noqa: E731
             res = seq_fn(Q[:, :, s:e], K[:, :, s:e], V[:, :, s:e], eta[:, :, s:e],
                          al[:, :, s:e], None if be is None else be[:, :, s:e],
                          _sl(dl, s, e), _sl(rd, s, e), _sl(gm, s, e),
-                         pick(X), pick(P), pick(A), off[n:n + 1], C, cfg)
+                         pick(X), pick(P), pick(A), pick(R), off[n:n + 1], C, cfg)
             outs.append(res[0])
-            Xs.append(res[1]), Ps.append(res[2]), As.append(res[3]), offs.append(res[4])
+            Xs.append(res[1]), Ps.append(res[2]), As.append(res[3]), Rs.append(res[4]), offs.append(res[5])
         O = torch.cat(outs, dim=2)
         cat = lambda ts: tuple(torch.cat(z, 0) for z in zip(*ts))  # noqa: E731
         X, A, off = cat(Xs), cat(As), torch.cat(offs, 0)
         P = None if be is None else cat(Ps)
+        R = None if R is None else cat(Rs)
     o = O.transpose(1, 2).to(q.dtype)
     if not output_final_state:
         return o, None
     return o, MemoryState(X=_pack(X, memory), P=_pack(P, memory), anchor=_pack(A, memory),
-                          offset=off)
+                          offset=off, R=_pack(R, memory))
 
 
 # =============================================================================================
 # The per-token loop (SPEC §5, literally)
 # =============================================================================================
-def _step_core(X, P, A, off, Qt, Kt, Vt, eta_t, alpha_t, beta_t, delta_t, rdelta_t, gamma_t,
+def _step_core(X, P, A, R, off, Qt, Kt, Vt, eta_t, alpha_t, beta_t, delta_t, rdelta_t, gamma_t,
                C: int, cfg: _Cfg):
     """One token for N sequences. Qt, Kt, Vt: [N, H, 1, D]; eta_t, delta_t, rdelta_t: [N, H, 1]
-    (or floats); alpha_t, beta_t, gamma_t: [N, H] (or None / floats); off: [N] int64."""
+    (or floats); alpha_t, beta_t, gamma_t: [N, H] (or None / floats); off: [N] int64.
+    R: the read memory (SPEC §5b) or None (SPEC §5: tokens read φ(X))."""
     sig = _anchor_signal(_phis(A, cfg), Kt, Vt, eta_t, delta_t, rdelta_t, cfg)
-    X, P = _token_update(X, P, [l[:, :, 0] for l, _ in sig], [r[:, :, 0] for _, r in sig],
-                         alpha_t, beta_t, gamma_t, cfg)
-    o = _read(_phis(X, cfg), Qt, cfg)                      # read after write
+    X, P, R = _token_update(X, P, [l[:, :, 0] for l, _ in sig], [r[:, :, 0] for _, r in sig],
+                            alpha_t, beta_t, gamma_t, cfg, R)
+    o = _read(_phis(X, cfg) if R is None else R, Qt, cfg)  # read after write
     off = off + 1
-    reset = off >= C                                       # chunk boundary: move the anchor
-    A = tuple(torch.where(reset[:, None, None, None], x, a) for x, a in zip(X, A))
-    off = torch.where(reset, torch.zeros_like(off), off)
-    return o, X, P, A, off
+    reset = (off >= C)[:, None, None, None]                # chunk boundary: move the anchor
+    A = tuple(torch.where(reset, x, a) for x, a in zip(X, A))
+    if R is not None:                                      # ... and restart R from the map
+        R = tuple(torch.where(reset, w, r) for w, r in zip(_phis(X, cfg), R))
+    off = torch.where(off >= C, torch.zeros_like(off), off)
+    return o, X, P, A, R, off
 
 
-def _loop_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, off, C, cfg):
+def _loop_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, R, off, C, cfg):
     outs = []
     for t in range(Q.shape[2]):
-        o, X, P, A, off = _step_core(
-            X, P, A, off, Q[:, :, t:t + 1], K[:, :, t:t + 1], V[:, :, t:t + 1],
+        o, X, P, A, R, off = _step_core(
+            X, P, A, R, off, Q[:, :, t:t + 1], K[:, :, t:t + 1], V[:, :, t:t + 1],
             eta[:, :, t:t + 1], al[:, :, t], None if be is None else be[:, :, t],
             _sl(dl, t, t + 1), _sl(rd, t, t + 1), _at(gm, t), C, cfg)
         outs.append(o)
@@ -463,18 +500,21 @@ def _loop_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, off, C, cfg):
         O = torch.cat(outs, dim=2)
     else:
         O = Q.new_zeros(Q.shape[0], Q.shape[1], 0, V.shape[-1])
-    return O, X, P, A, off
+    return O, X, P, A, R, off
 
 
 def memory_update_loop(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2",
                        retention="l2", p=3.0, eps=1e-6, delta=1.0, huber_mode="yaad",
                        robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6,
                        chunk_size=64, scale=None, initial_state=None, output_final_state=False,
-                       cu_seqlens=None, ln_weight=None, ln_bias=None, expansion=4):
+                       cu_seqlens=None, ln_weight=None, ln_bias=None, expansion=4,
+                       map_schedule="token"):
     """SPEC §5 token by token: for each token the gradient at the anchor (the raw state at the
     last chunk boundary, through φ), then momentum / retention step / threshold, then the read
     o_t = M_{φ(X_t)}(q̃_t). Supports an initial state in the middle of a chunk (``offset > 0``):
     its first ``C − offset`` tokens take their gradient at ``initial_state.anchor``.
+    ``map_schedule="chunk"`` (SPEC §5b): tokens read the memory R, which starts each chunk at φ(X)
+    and moves by the l2 recurrence inside it; the state's ``R`` carries it at offset > 0.
 
     Returns ``(o [B, T, H, Dv] in q's dtype, MemoryState or None)``."""
     return _run(_loop_seq, q, k, v, lr, alpha, momentum, memory=memory, bias=bias,
@@ -483,7 +523,7 @@ def memory_update_loop(q, k, v, lr, alpha, momentum=None, *, memory="linear", bi
                 eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
-                require_zero_offset=False)
+                require_zero_offset=False, map_schedule=map_schedule)
 
 
 # =============================================================================================
@@ -548,15 +588,30 @@ def _dual_chunk(Qc, sig, X0, P0, alc, bec, cfg):
 def _scan_chunk(Qc, sig, X, P, alc, bec, gmc, cfg):
     """Map-based retentions: per-token scan inside the chunk with the anchor gradients given."""
     outs = []
-    for i in range(Qc.shape[2]):
-        X, P = _token_update(X, P, [l[:, :, i] for l, _ in sig], [r[:, :, i] for _, r in sig],
-                             alc[:, :, i], None if bec is None else bec[:, :, i], _at(gmc, i),
-                             cfg)
-        outs.append(_read(_phis(X, cfg), Qc[:, :, i:i + 1], cfg))
-    return torch.cat(outs, dim=2), X, P
+    for i in range(alc.shape[-1]):
+        X, P, _ = _token_update(X, P, [l[:, :, i] for l, _ in sig], [r[:, :, i] for _, r in sig],
+                                alc[:, :, i], None if bec is None else bec[:, :, i], _at(gmc, i),
+                                cfg)
+        if Qc is not None:
+            outs.append(_read(_phis(X, cfg), Qc[:, :, i:i + 1], cfg))
+    return (torch.cat(outs, dim=2) if outs else None), X, P
 
 
-def _chunked_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, off, C, cfg):
+def _paper_chunk(Qc, sig, X0, P0, R0, alc, bec, gmc, cfg):
+    """SPEC §5b, one chunk: the outputs are the l2 dual form started from the read memory R0 (= φ(X0)
+    at a boundary); the raw state moves by the same updates — for kl and lq in closed form,
+    X_end = R_end + γ_L (X0 − R0) (both recurrences are linear with the same gates and updates), for
+    elastic_net by its per-token thresholded recurrence."""
+    O, R, P = _dual_chunk(Qc, sig, R0, P0, alc, bec, cfg)
+    if cfg.retention == "elastic_net":
+        _, X, _ = _scan_chunk(None, sig, X0, P0, alc, bec, gmc, cfg)
+    else:
+        gL = torch.prod(alc, dim=-1)[..., None, None]
+        X = tuple(r + gL * (x0 - r0) for r, x0, r0 in zip(R, X0, R0))
+    return O, X, P, R
+
+
+def _chunked_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, R, off, C, cfg):
     T = Q.shape[2]
     outs = []
     for s in range(0, T, C):
@@ -565,19 +620,24 @@ def _chunked_seq(Q, K, V, eta, al, be, dl, rd, gm, X, P, A, off, C, cfg):
         sig = _anchor_signal(_phis(A0, cfg), K[:, :, s:e], V[:, :, s:e], eta[:, :, s:e],
                              _sl(dl, s, e), _sl(rd, s, e), cfg)
         bec = None if be is None else be[:, :, s:e]
-        if cfg.retention == "l2":
+        if cfg.chunk_maps:
+            R0 = R if s == 0 else _phis(X, cfg)            # the map, once per chunk
+            o, X, P, R = _paper_chunk(Q[:, :, s:e], sig, X, P, R0, al[:, :, s:e], bec, _sl(gm, s, e), cfg)
+        elif cfg.retention == "l2":
             o, X, P = _dual_chunk(Q[:, :, s:e], sig, X, P, al[:, :, s:e], bec, cfg)
         else:
             o, X, P = _scan_chunk(Q[:, :, s:e], sig, X, P, al[:, :, s:e], bec,
                                   _sl(gm, s, e), cfg)
         outs.append(o)
         A = X if e - s == C else A0
+    if R is not None and T > 0 and T % C == 0:
+        R = _phis(X, cfg)                                  # at a boundary R is φ(X)
     if outs:
         O = torch.cat(outs, dim=2)
     else:
         O = Q.new_zeros(Q.shape[0], Q.shape[1], 0, V.shape[-1])
     off = torch.full_like(off, T % C) if T > 0 else off
-    return O, X, P, A, off
+    return O, X, P, A, R, off
 
 
 def memory_update_chunked(q, k, v, lr, alpha, momentum=None, *, memory="linear", bias="l2",
@@ -585,18 +645,20 @@ def memory_update_chunked(q, k, v, lr, alpha, momentum=None, *, memory="linear",
                           robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6,
                           chunk_size=64, scale=None, initial_state=None,
                           output_final_state=False, cu_seqlens=None, ln_weight=None,
-                          ln_bias=None, expansion=4):
+                          ln_bias=None, expansion=4, map_schedule="token"):
     """The op in chunked form (same results as :func:`memory_update_loop`): dual form for
     retention ``l2`` (linear: KERNELS.md §1, MLP: §5), anchor GEMM + in-chunk scan for kl /
     elastic_net / lq. Vectorised over batch and heads; a Python loop over chunks (and over
-    segments with ``cu_seqlens``). Requires ``initial_state.offset == 0``."""
+    segments with ``cu_seqlens``). Requires ``initial_state.offset == 0``.
+    ``map_schedule="chunk"`` (SPEC §5b, KERNELS.md §6): per chunk the l2 dual form from R0 = φ(X0),
+    the raw state by the same updates (closed form for kl / lq, the thresholded scan for elastic_net)."""
     return _run(_chunked_seq, q, k, v, lr, alpha, momentum, memory=memory, bias=bias,
                 retention=retention, p=p, eps=eps, delta=delta, huber_mode=huber_mode,
                 robust_delta=robust_delta, gamma=gamma, kl_scale=kl_scale, q_norm=q_norm,
                 eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
-                require_zero_offset=True)
+                require_zero_offset=True, map_schedule=map_schedule)
 
 
 # =============================================================================================
@@ -615,14 +677,16 @@ def _step_param(x, cdt, name, B, H):
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state, chunk_size=64, exact=False,
                 memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0,
                 huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0,
-                eps_q=1e-6, scale=None, ln_weight=None, ln_bias=None, expansion=None):
+                eps_q=1e-6, scale=None, ln_weight=None, ln_bias=None, expansion=None,
+                map_schedule="token"):
     """One token: q, k [B, H, Dk], v [B, H, Dv]; gates and tensor parameters [B, H].
 
     Gradient at ``state.anchor``, update X (and P), read after write, ``offset += 1``; where
     the offset reaches C (C = 1 with ``exact=True``) the anchor becomes the new X and the
-    offset 0. Returns ``(o [B, H, Dv] in q's dtype, new MemoryState)``."""
+    offset 0. ``map_schedule="chunk"`` (SPEC §5b): the token reads ``state.R`` moved by the l2
+    recurrence (R restarts at φ(X) at the boundary). Returns ``(o [B, H, Dv] in q's dtype, new MemoryState)``."""
     C = 1 if exact else int(chunk_size)
-    _check(memory, bias, retention, huber_mode, C)
+    _check(memory, bias, retention, huber_mode, C, map_schedule)
     if state is None:
         raise ValueError("memory_step needs a state (MemoryState)")
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
@@ -641,17 +705,17 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state, chunk_size=64, exac
     cfg = _Cfg(memory, bias, retention, float(p), float(eps), huber_mode, float(kl_scale),
                float(q_norm), float(eps_q),
                None if ln_weight is None else ln_weight.to(cdt),
-               None if ln_bias is None else ln_bias.to(cdt))
-    X, P, A, off = _prepare_state(state, B, H, Dk, Dv, memory, momentum is not None, expansion,
-                                  cdt, q.device)
+               None if ln_bias is None else ln_bias.to(cdt), map_schedule)
+    X, P, A, R, off = _prepare_state(state, B, H, Dk, Dv, memory, momentum is not None, expansion,
+                                     cdt, q.device, cfg)
     row = lambda x: None if x is None else x[..., None]  # noqa: E731  [B,H] → [B,H,1]
     dl = _step_param(delta, cdt, "delta", B, H)
     rd = _step_param(robust_delta, cdt, "robust_delta", B, H)
     gm = _step_param(gamma, cdt, "gamma", B, H)
     per_tok = lambda x: x[..., None] if isinstance(x, Tensor) and x.dim() == 2 else x  # noqa
-    o, X, P, A, off = _step_core(
-        X, P, A, off, (q.to(cdt) * scale)[:, :, None], k.to(cdt)[:, :, None],
+    o, X, P, A, R, off = _step_core(
+        X, P, A, R, off, (q.to(cdt) * scale)[:, :, None], k.to(cdt)[:, :, None],
         v.to(cdt)[:, :, None], row(lr.to(cdt)), alpha.to(cdt),
         None if momentum is None else momentum.to(cdt), per_tok(dl), per_tok(rd), gm, C, cfg)
     return o[:, :, 0].to(q.dtype), MemoryState(X=_pack(X, memory), P=_pack(P, memory),
-                                                anchor=_pack(A, memory), offset=off)
+                                                anchor=_pack(A, memory), offset=off, R=_pack(R, memory))

@@ -21,12 +21,17 @@ class MemoryState:
       taken. Defaults to ``X``.
     - ``offset``: ``[N]`` int64, tokens since that boundary. Defaults to zeros. The chunked op
       (``memory_update``) accepts only ``offset == 0``; ``memory_step`` moves it.
+    - ``R``: the read memory of ``map_schedule="chunk"`` (SPEC §5b), same shapes as ``X``: what
+      tokens read, started at φ(X) at each chunk boundary and moved linearly inside the chunk.
+      Present only in states of that schedule with retention kl, lq or elastic_net (for l2 it is X);
+      where ``offset == 0`` it equals φ(X), and ``None`` there means φ(X).
     """
 
     X: StateTensor
     P: Optional[StateTensor] = None
     anchor: Optional[StateTensor] = None
     offset: Optional[Tensor] = None
+    R: Optional[StateTensor] = None
 
     def __post_init__(self):
         if self.anchor is None:
@@ -52,4 +57,4 @@ class MemoryState:
                 return tuple(t.detach() for t in x)
             return x.detach()
 
-        return MemoryState(d(self.X), d(self.P), d(self.anchor), self.offset.clone())
+        return MemoryState(d(self.X), d(self.P), d(self.anchor), self.offset.clone(), d(self.R))

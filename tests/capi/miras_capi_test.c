@@ -536,6 +536,14 @@ static void run_error_checks(void) {
   expect_error("lq_q_norm", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "q (lq retention) must be >= 2");
   cfg.retention = MIRAS_RETENTION_L2;
   cfg.q_norm = 4.0;
+  cfg.retention = MIRAS_RETENTION_KL;
+  cfg.map_schedule = 1;
+  expect_error("chunk_schedule_kl", FWD(), MIRAS_ERROR_INVALID_ARGUMENT,
+               "map_schedule='chunk' with retention kl is not implemented");
+  cfg.retention = MIRAS_RETENTION_L2;
+  cfg.map_schedule = 3;
+  expect_error("map_schedule_3", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "map_schedule: unknown code 3");
+  cfg.map_schedule = 0;
   cfg.bias = MIRAS_BIAS_HUBER_YAAD;
   cfg.delta = 0.0;
   expect_error("huber_delta_0", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "delta (huber bias) must be > 0");

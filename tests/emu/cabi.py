@@ -32,7 +32,7 @@ class Config(C.Structure):
     _fields_ = [("bias", C.c_int32), ("retention", C.c_int32), ("p", C.c_double), ("eps", C.c_double),
                 ("delta", C.c_double), ("robust_delta", C.c_double), ("gamma", C.c_double),
                 ("kl_scale", C.c_double), ("q_norm", C.c_double), ("eps_q", C.c_double), ("scale", C.c_double),
-                ("chunk_size", C.c_int64)]
+                ("chunk_size", C.c_int64), ("map_schedule", C.c_int64)]
 
 
 class Exec(C.Structure):
