@@ -82,3 +82,35 @@ def test_niah_batches_are_well_formed():
         assert int((labels[b] != demo.IGNORE).sum()) == 2
     with pytest.raises(ValueError):
         demo.make_niah(torch.Generator(), v, 1, 8, needles=3, queries=2)
+
+
+def test_demo_design_points_and_seeds(tmp_path, capsys):
+    """--models takes settings and design-space points; --seeds N reports mean ± std per cell."""
+    out = tmp_path / "pts"
+    models = "moneta:map_schedule=chunk,miras:memory=linear:bias=lp:retention=lq:q_norm=3.0,memora:chunk_size=2"
+    res = demo.main([*TINY, "--jobs", "1", "--models", models, "--tasks", "mqar", "--seeds", "2", "--no-plot",
+                     "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert sorted({(r["model"], r["seed"]) for r in res["results"]}) == sorted(
+        (m, s) for m in models.split(",") for s in (0, 1))
+    rows = {r["model"]: r for r in res["summary"]}
+    assert set(rows) == set(models.split(","))
+    for r in rows.values():
+        per = [x for x in res["results"] if x["model"] == r["model"]]
+        for L in ("12", "20"):
+            accs = [x["accuracy"][L] for x in per]
+            assert abs(r["accuracy"][L] - sum(accs) / 2) < 1e-12
+            assert abs(r["accuracy_std"][L] - abs(accs[0] - accs[1]) / 2 ** 0.5) < 1e-12
+    assert "mean ± std over 2 seeds" in printed and "±" in printed
+    # the settings reach the layers
+    lm = demo.build_model("memora:chunk_size=2:kl_scale=3.0", demo.Vocab(8, 8), demo.parser().parse_args(TINY), "cpu")
+    layer = lm.layers[0].mixer
+    assert layer.chunk_size == 2 and layer.op_kwargs["kl_scale"] == 3.0
+
+
+@pytest.mark.parametrize("spec,match", [("moneta:map_schedule=chunks", "map_schedule"),
+                                        ("gpt5:x=1", "unknown model"), ("moneta:q_norm", "key=value"),
+                                        ("memora:kl_scale=-1", "kl_scale"), ("moneta:nope=1", "nope")])
+def test_demo_bad_model_settings_fail_early(spec, match, capsys):
+    with pytest.raises(SystemExit, match=match):
+        demo.main(["--models", spec, "--steps", "0", "--no-plot", "--quiet"])

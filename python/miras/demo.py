@@ -25,6 +25,11 @@ bench/RESULTS.md §3): on a CPU it trains two models at a time in worker process
 thread each. On CUDA the MLP memories still run through the PyTorch reference until their CUDA kernel
 lands. The flags ``--steps``, ``--seq-lens``, ``--models``, ``--tasks``, ``--d-model`` scale the run.
 Every model gets the same sizes, steps, data, optimiser and learning rate.
+
+``--models`` entries may carry layer settings (``moneta:map_schedule=chunk``, ``memora:kl_scale=4``) or
+name a design-space point of the generic layer (``miras:memory=mlp:bias=lp:retention=lq``);
+``--seeds N`` trains every cell with N seeds and the table shows mean ± std (``results.json`` keeps
+every run under ``results`` and the aggregates under ``summary``).
 """
 from __future__ import annotations
 
@@ -200,11 +205,43 @@ def evaluate(model, batches) -> float:
     return correct / max(total, 1)
 
 
+def _value(text: str):
+    """A design-space value: int, float, true/false, or the string itself."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_model(spec: str):
+    """``name`` or ``name:key=value:key=value`` → (mixer name, keyword arguments of the mixer).
+
+    ``moneta:map_schedule=chunk``, ``memora:kl_scale=4:chunk_size=4``, or a design-space point of the
+    generic layer, ``miras:memory=mlp:bias=lp:retention=lq:momentum=true``. The keywords are those of
+    :class:`miras.nn.MirasLayer` and its presets (``chunk_size`` included, which overrides
+    ``--chunk-size``)."""
+    name, *items = spec.strip().split(":")
+    if name not in ALL_MODELS + ["miras"]:
+        raise ValueError(f"unknown model {name!r} in {spec!r}; choose from {ALL_MODELS} or 'miras' (the generic "
+                         f"layer), optionally followed by :key=value settings")
+    kw = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"model {spec!r}: settings are key=value (separated by ':'), got {item!r}")
+        kw[key.strip()] = _value(val.strip())
+    return name, kw
+
+
 def build_model(name: str, vocab: Vocab, cfg, device):
     from .nn import MirasLM
 
+    mixer, kw = parse_model(name)
+    kw.setdefault("chunk_size", cfg.chunk_size)
     return MirasLM(vocab.size, hidden_size=cfg.d_model, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                   head_dim=cfg.head_dim, mixer=name, chunk_size=cfg.chunk_size).to(device)
+                   head_dim=cfg.head_dim, mixer=mixer, **kw).to(device)
 
 
 def eval_sets_for(task: str, vocab: Vocab, seq_lens: List[int], cfg):
@@ -251,7 +288,7 @@ def run_one(name: str, task: str, vocab: Vocab, seq_lens: List[int], cfg, device
     acc = {L: evaluate(model, [(i.to(device), l.to(device)) for i, l in eval_sets[L]]) for L in seq_lens}
     t_eval = time.perf_counter() - t0
     recent = losses[-10:] or [float("nan")]
-    return dict(model=name, task=task, params=n_params, accuracy={str(L): a for L, a in acc.items()},
+    return dict(model=name, task=task, seed=cfg.seed, params=n_params, accuracy={str(L): a for L, a in acc.items()},
                 train_tokens_per_s=tokens / max(t_train, 1e-9), train_seconds=t_train, eval_seconds=t_eval,
                 final_loss=sum(recent) / len(recent))
 
@@ -265,25 +302,31 @@ def _worker_init(queue, threads: int):
     _WORKER_QUEUE = queue
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused CUDA kernel")
+    warnings.filterwarnings("ignore", message=r"miras: map_schedule='chunk'")
 
 
 def _worker_job(name, task, vocab, seq_lens, cfg, device_str):
-    job = f"{name}|{task}"
+    job = _job_name(name, task, cfg)
     report = (lambda text: _WORKER_QUEUE.put((job, text))) if _WORKER_QUEUE is not None else None
     return run_one(name, task, vocab, seq_lens, cfg, torch.device(device_str), report)
 
 
+def _job_name(name, task, cfg):
+    return f"{name}|{task}|s{cfg.seed}"
+
+
 def _cost_rank(name: str) -> int:
     """Slowest first, so that parallel workers finish together (MLP memories with scans are slowest)."""
-    return {"moneta": 0, "memora": 1, "yaad": 2}.get(name, 3)
+    return {"moneta": 0, "memora": 1, "yaad": 2}.get(name.split(":")[0], 3)
 
 
 def run_jobs(jobs_list, vocab, seq_lens, cfg, device, n_jobs: int, progress: Progress) -> List[Dict]:
+    """``jobs_list``: (model, task, cfg) triples (the cfg carries the job's seed)."""
     if n_jobs <= 1:
         out = []
-        for name, task in jobs_list:
-            job = f"{name}|{task}"
-            out.append(run_one(name, task, vocab, seq_lens, cfg, device, lambda t, job=job: progress.update(job, t)))
+        for name, task, jcfg in jobs_list:
+            job = _job_name(name, task, jcfg)
+            out.append(run_one(name, task, vocab, seq_lens, jcfg, device, lambda t, job=job: progress.update(job, t)))
             progress.update(job, None)
         return out
     import concurrent.futures as cf
@@ -300,7 +343,8 @@ def run_jobs(jobs_list, vocab, seq_lens, cfg, device, n_jobs: int, progress: Pro
     finished = set()
     with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_worker_init,
                                 initargs=(q, threads)) as ex:
-        futs = {ex.submit(_worker_job, *jobs_list[i], vocab, seq_lens, cfg, str(device)): i for i in order}
+        futs = {ex.submit(_worker_job, jobs_list[i][0], jobs_list[i][1], vocab, seq_lens, jobs_list[i][2],
+                          str(device)): i for i in order}
         pending = set(futs)
         while pending:
             done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
@@ -314,24 +358,52 @@ def run_jobs(jobs_list, vocab, seq_lens, cfg, device, n_jobs: int, progress: Pro
             for f in done:
                 i = futs[f]
                 results[i] = f.result()
-                finished.add("{}|{}".format(*jobs_list[i]))
-                progress.update("{}|{}".format(*jobs_list[i]), None)
+                finished.add(_job_name(*jobs_list[i]))
+                progress.update(_job_name(*jobs_list[i]), None)
     return [results[i] for i in range(len(jobs_list))]
 
 
 # =============================================================================================
 # report
 # =============================================================================================
+def summarize(results: List[Dict]) -> List[Dict]:
+    """One row per (task, model): accuracy mean and standard deviation over the seeds (sample std,
+    0 for one seed), mean tokens/s and final loss."""
+    groups: Dict = {}
+    for r in results:
+        groups.setdefault((r["task"], r["model"]), []).append(r)
+    out = []
+    for (task, model), rs in groups.items():
+        def stats(xs):
+            m = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            return m, sd
+        acc = {L: stats([r["accuracy"][L] for r in rs]) for L in rs[0]["accuracy"]}
+        out.append(dict(task=task, model=model, seeds=[r.get("seed") for r in rs],
+                        accuracy={L: m for L, (m, _) in acc.items()}, accuracy_std={L: sd for L, (_, sd) in acc.items()},
+                        train_tokens_per_s=stats([r["train_tokens_per_s"] for r in rs])[0],
+                        final_loss=stats([r["final_loss"] for r in rs])[0]))
+    return out
+
+
 def format_table(results: List[Dict], seq_lens: List[int]) -> str:
+    """Accuracy per model and length (mean ± std over the seeds when there are several)."""
+    rows_all = summarize(results)
+    multi = any(len(r["seeds"]) > 1 for r in rows_all)
+    w = 14 if multi else 8
+    name_w = max([22] + [len(r["model"]) + 2 for r in rows_all])
     lines = []
-    for task in dict.fromkeys(r["task"] for r in results):
-        rows = [r for r in results if r["task"] == task]
-        head = f"{'task ' + task:<22}" + "".join(f"{'L=' + str(L):>8}" for L in seq_lens) + f"{'tok/s':>10}{'loss':>8}"
-        lines.append(head)
+    for task in dict.fromkeys(r["task"] for r in rows_all):
+        rows = [r for r in rows_all if r["task"] == task]
+        seeds = f" (mean ± std over {len(rows[0]['seeds'])} seeds)" if multi else ""
+        head = (f"{'task ' + task:<{name_w}}" + "".join(f"{'L=' + str(L):>{w}}" for L in seq_lens)
+                + f"{'tok/s':>10}{'loss':>8}")
+        lines.append(head + seeds)
         lines.append("-" * len(head))
         for r in rows:
-            lines.append(f"{r['model']:<22}" + "".join(f"{r['accuracy'][str(L)]:>8.3f}" for L in seq_lens)
-                         + f"{r['train_tokens_per_s']:>10.0f}{r['final_loss']:>8.3f}")
+            cells = "".join((f"{r['accuracy'][str(L)]:.3f} ± {r['accuracy_std'][str(L)]:.3f}" if multi
+                             else f"{r['accuracy'][str(L)]:.3f}").rjust(w) for L in seq_lens)
+            lines.append(f"{r['model']:<{name_w}}" + cells + f"{r['train_tokens_per_s']:>10.0f}{r['final_loss']:>8.3f}")
         lines.append("")
     return "\n".join(lines)
 
@@ -346,8 +418,9 @@ def plot(results: List[Dict], seq_lens: List[int], path: str) -> Optional[str]:
         return None
     tasks = list(dict.fromkeys(r["task"] for r in results))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    rows = summarize(results)
     for ax, task in zip(axes[0], tasks):
-        for r in (r for r in results if r["task"] == task):
+        for r in (r for r in rows if r["task"] == task):
             ax.plot(seq_lens, [r["accuracy"][str(L)] for L in seq_lens], marker="o", label=r["model"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(seq_lens)
@@ -377,7 +450,10 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m miras demo",
         description="Train small Miras LMs (Moneta, Yaad, Memora, Titans-style, linear attention) on synthetic "
                     "recall tasks (MQAR, needle in a haystack) and report accuracy per sequence length.")
-    p.add_argument("--models", default=d["models"], help=f"comma list from {ALL_MODELS} (default: all)")
+    p.add_argument("--models", default=d["models"],
+                   help=f"comma list from {ALL_MODELS} (default: all), each optionally with settings of the layer, "
+                        f"e.g. moneta:map_schedule=chunk, memora:kl_scale=4:chunk_size=4, or a design-space point "
+                        f"of the generic layer, miras:memory=mlp:bias=lp:retention=lq")
     p.add_argument("--tasks", default=d["tasks"], help=f"comma list from {ALL_TASKS} (default: all)")
     p.add_argument("--seq-lens", default=d["seq_lens"], help="training/evaluation lengths (default %(default)s)")
     p.add_argument("--steps", type=int, default=d["steps"], help="training steps per model and task (%(default)s)")
@@ -395,6 +471,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--needles", type=int, default=d["needles"], help="niah: marked pairs per sequence")
     p.add_argument("--queries", type=int, default=d["queries"], help="niah: queried needles per sequence")
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every cell with seeds seed, seed+1, ...; the table shows mean ± std (default 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--jobs", type=int, default=None,
                    help="models trained in parallel worker processes (default: 2 on a CPU with >= 2 cores, "
@@ -410,9 +488,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     models = [m.strip() for m in cfg.models.split(",") if m.strip()]
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     seq_lens = _ints(cfg.seq_lens)
-    for m in models:
-        if m not in ALL_MODELS + ["miras"]:
-            raise SystemExit(f"unknown model {m!r}; choose from {ALL_MODELS}")
+    if cfg.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    vocab = Vocab(cfg.num_keys, cfg.num_values)
+    for m in models:                # fail early on a bad model or setting (on the meta device: no compute)
+        try:
+            with torch.device("meta"):
+                build_model(m, vocab, cfg, torch.device("meta"))
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"--models {m}: {exc}")
     for t in tasks:
         if t not in ALL_TASKS:
             raise SystemExit(f"unknown task {t!r}; choose from {ALL_TASKS}")
@@ -423,11 +507,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     else:
         device = torch.device(cfg.device)
     warnings.filterwarnings("ignore", message=r"miras: memory='mlp' has no fused CUDA kernel")
-    vocab = Vocab(cfg.num_keys, cfg.num_values)
+    warnings.filterwarnings("ignore", message=r"miras: map_schedule='chunk'")
     for task in tasks:                                   # fail early on impossible task sizes
         for L in seq_lens:
             make_batch(task, torch.Generator().manual_seed(0), vocab, 1, L, cfg)
-    jobs_list = [(name, task) for task in tasks for name in models]
+    jobs_list = [(name, task, argparse.Namespace(**{**vars(cfg), "seed": cfg.seed + i}))
+                 for task in tasks for name in models for i in range(cfg.seeds)]
     n_jobs = cfg.jobs
     if n_jobs is None:
         n_jobs = min(2, os.cpu_count() or 1) if device.type == "cpu" else 1
@@ -435,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     t_start = time.time()
     print(f"miras demo: models={models} tasks={tasks} seq_lens={seq_lens} steps={cfg.steps} "
           f"batch={cfg.batch_size} d_model={cfg.d_model} layers={cfg.num_layers} heads={cfg.num_heads} "
-          f"chunk={cfg.chunk_size} lr={cfg.lr} device={device} jobs={n_jobs}", flush=True)
+          f"chunk={cfg.chunk_size} lr={cfg.lr} seeds={cfg.seeds} device={device} jobs={n_jobs}", flush=True)
     progress = Progress(len(jobs_list), not cfg.quiet)
     results = run_jobs(jobs_list, vocab, seq_lens, cfg, device, n_jobs, progress)
     progress.close()
@@ -447,7 +532,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     os.makedirs(cfg.out, exist_ok=True)
     out = dict(config={k: v for k, v in vars(cfg).items()}, device=str(device), seq_lens=seq_lens,
                wall_seconds=wall, torch=torch.__version__, python=platform.python_version(),
-               results=results)
+               results=results, summary=summarize(results))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(f"results: {os.path.join(cfg.out, 'results.json')}")

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import Config
 from ..ops import memory_step, memory_update
 from ..state import MemoryState
 
@@ -243,6 +244,9 @@ class MirasLayer(nn.Module):
         self.layer_idx = layer_idx
         self.norm_v = bool(norm_v)
         self.op_kwargs = dict(op_kwargs)
+        # the op's options, checked now (names and ranges; messages name the argument), not at the first forward
+        Config.split(memory=memory, bias=bias, retention=retention, chunk_size=self.chunk_size,
+                     **{n: v for n, v in op_kwargs.items() if n not in ("check_inputs", "delta")})
         Dv = Dk
         self.key_dim, self.value_dim = H * Dk, H * Dv
 
