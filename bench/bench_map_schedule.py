@@ -1,11 +1,11 @@
-"""map_schedule="chunk" vs "token" on the CPU (SPEC §5b): median of 4 timed calls after one warm-up,
+"""map_schedule="chunk" vs "token" on the CPU (SPEC §5b): median of 8 timed calls after one warm-up,
 the issue's shape (B=2, T=1024, H=4, D=64, float32, lp bias, chunk 64), torch's default threads.
 
     .venv/bin/python bench/bench_map_schedule.py
 
-With retention l2 both schedules run the C++ op (one computation); with kl / lq / elastic_net the
-chunk schedule runs through the PyTorch reference (miras.reference) until its fused paths land, so
-this table is the yardstick those paths must beat (target: within 1.5x of the l2 row).
+With retention l2 both schedules run the C++ op (one computation); kl and lq in the chunk schedule
+run the C++ op's dual form from phi(X) per chunk (target: within 1.5x of the l2 row); elastic_net's
+chunk schedule runs through the PyTorch reference (miras.reference; a per-token Python scan).
 """
 import time, torch, warnings, statistics
 warnings.filterwarnings("ignore")
@@ -16,7 +16,7 @@ q=torch.randn(B,T,H,D); k=torch.nn.functional.normalize(torch.randn(B,T,H,D),dim
 lr=torch.rand(B,T,H)*0.05; al=0.9+0.1*torch.rand(B,T,H)
 def run(ret, sched, bwd):
     ts=[]
-    for i in range(5):
+    for i in range(9):
         xs=[t.clone().requires_grad_(bwd) for t in (q,k,v,lr,al)]
         t0=time.perf_counter()
         o,_=miras.memory_update(*xs, bias="lp", retention=ret, chunk_size=64, map_schedule=sched, gamma=1e-3)

@@ -291,7 +291,7 @@ def test_capi_matches_reference(capi_program, data):
     errors = re.findall(r"^PASS error/(\w+):", out, re.M)
     for name in ("q_float16_on_cpu", "k_dtype_mismatch", "k_shape", "v_strides", "q_null", "lr_data_null",
                  "unknown_device", "cuda_not_built", "chunk_size_0", "bias_42", "cu_seqlens_end", "step_offset",
-                 "step_inplace_X", "bwd_chunk_X_null", "chunk_schedule_kl", "map_schedule_3"):
+                 "step_inplace_X", "bwd_chunk_X_null", "chunk_schedule_en", "map_schedule_3"):
         assert name in errors, f"error check {name} missing:\n{out[-3000:]}"
     assert len(errors) >= 26
 

@@ -10,6 +10,7 @@ the C++ op for l2, where both schedules are one computation), prefill + steps, a
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -227,26 +228,32 @@ def test_prefill_then_steps_equals_full(seed, ret, mem, schedule):
 
 
 # ---- the ops --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [20, 24])
 @pytest.mark.parametrize("ret", MAP_RETS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_op_matches_reference_with_gradients(seed, ret, dtype):
-    args, kw, st = _inputs(seed, ret, "huber", dtype=dtype, requires_grad=True, T=20)
+def test_op_matches_reference_with_gradients(seed, ret, dtype, T):
+    """kl / lq: the C++ op (dual form from φ(X) per chunk, R from its outputs); elastic_net: the reference."""
+    args, kw, st = _inputs(seed, ret, "huber", dtype=dtype, requires_grad=True, T=T)
     common = dict(kw, chunk_size=8, map_schedule="chunk", output_final_state=True)
     o, s = miras.memory_update(*args, **common, initial_state=st)
     assert o.dtype == dtype and s.R.dtype == dtype
     up = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
     a64 = [up(t) for t in args]
     kw64 = {n: (up(t) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
-    X64 = up(st.X)
-    o_ref, s_ref = R.memory_update_loop(*a64, **dict(common, **kw64), initial_state=MemoryState(X=X64, P=up(st.P)))
+    X64, P64 = up(st.X), up(st.P)
+    o_ref, s_ref = R.memory_update_loop(*a64, **dict(common, **kw64), initial_state=MemoryState(X=X64, P=P64))
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert_close(o, o_ref, tol, "o")
     assert_close(s.R, s_ref.R, tol, "R")
-    (o.sum() + s.X.square().sum()).backward()
-    (o_ref.sum() + s_ref.X.square().sum()).backward()
-    for name, a, b in (("q", args[0], a64[0]), ("lr", args[3], a64[3]), ("alpha", args[4], a64[4]),
-                       ("X0", st.X, X64)):
-        assert_close(a.grad, b.grad, 10 * tol, f"d {name}")
+    g = torch.Generator().manual_seed(seed)
+    wo, wx, wr = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (o, s.X, s.R))
+    ((o * wo.to(dtype)).sum() + (s.X * wx.to(dtype)).sum() + (s.R * wr.to(dtype)).sum()).backward()
+    ((o_ref * wo).sum() + (s_ref.X * wx).sum() + (s_ref.R * wr).sum()).backward()
+    names = ["q", "k", "v", "lr", "alpha", "momentum"]
+    for name, a, b in list(zip(names, args, a64)) + [("X0", st.X, X64), ("P0", st.P, P64)] + [
+            (n, kw[n], kw64[n]) for n in kw if isinstance(kw[n], torch.Tensor)]:
+        if a is not None:
+            assert_close(a.grad, b.grad, 10 * tol, f"d {name}")
 
 
 def test_invalid_schedule_names_the_argument():
@@ -269,14 +276,21 @@ def test_state_in_mid_chunk_needs_R():
 
 
 def test_backends_refuse_what_they_do_not_compute():
-    """The C++ op computes map_schedule='chunk' only for retention l2; anything else is an error there,
-    never a silent token-schedule result (the torch front end routes it to the reference)."""
+    """The C++ op computes map_schedule='chunk' for l2 (= token), kl and lq (linear memory, from a chunk
+    boundary); elastic_net, a separate anchor (the step op) and the MLP memory are errors there, never a
+    silent token-schedule result (the torch front end routes them to the reference)."""
     args, kw, st = _inputs(2, "kl", "l2", momentum=False, dtype=torch.float32)
     q, k, v, lr, alpha, _ = args
-    icfg, fcfg = op_cfg(retention=miras.config.config_codes("l2", "yaad", "kl", 3.0, 1e-6, 1.0, 4.0, 1e-6, 4)[1],
+    code = miras.config.config_codes
+    icfg, fcfg = op_cfg(retention=code("l2", "yaad", "elastic_net", 3.0, 1e-6, 1.0, 4.0, 1e-6, 4)[1],
                         map_schedule=1, chunk_size=4)
-    with pytest.raises((ValueError, RuntimeError), match="map_schedule='chunk' with retention kl"):
+    with pytest.raises((ValueError, RuntimeError), match="map_schedule='chunk' with retention elastic_net"):
         torch.ops.miras.chunk_fwd(q, k, v, lr, alpha, None, None, None, None, None, None, None, icfg, fcfg, False)
+    icfg, fcfg = op_cfg(retention=code("l2", "yaad", "kl", 3.0, 1e-6, 1.0, 4.0, 1e-6, 4)[1], map_schedule=1,
+                        chunk_size=4)
+    X = st.X.float()
+    with pytest.raises((ValueError, RuntimeError), match="chunk boundary only"):
+        torch.ops.miras.chunk_fwd(q, k, v, lr, alpha, None, None, None, X, None, X.clone(), None, icfg, fcfg, False)
     icfg[miras._C.config_fields()["ints"].index("map_schedule")] = 2
     with pytest.raises((ValueError, RuntimeError), match="map_schedule: unknown code 2"):
         torch.ops.miras.chunk_fwd(q, k, v, lr, alpha, None, None, None, None, None, None, None, icfg, fcfg, False)
@@ -301,10 +315,20 @@ def test_layers_take_the_schedule(seed):
         assert y_tok.shape == y.shape
 
 
-def test_op_warns_once_that_it_runs_the_reference():
+def test_which_cases_run_the_reference():
+    """kl / lq with the linear memory on the CPU run the C++ op (no warning, and the raw op is called);
+    elastic_net, the MLP memory and the step op run the reference and warn once."""
     import miras.ops as ops
 
-    args, kw, st = _inputs(3, "lq", "l2")
+    for ret in ("kl", "lq"):
+        args, kw, st = _inputs(3, ret, "l2")
+        ops._WARNED.discard("chunk_maps")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                miras.memory_update(*args, **kw, chunk_size=4, map_schedule="chunk", initial_state=st)
+            assert any("miras::chunk_fwd" in e.name for e in prof.events()), ret
+    args, kw, st = _inputs(3, "elastic_net", "l2")
     ops._WARNED.discard("chunk_maps")
     with pytest.warns(UserWarning, match="map_schedule='chunk' with retention kl, lq or elastic_net"):
         miras.memory_update(*args, **kw, chunk_size=4, map_schedule="chunk", initial_state=st)

@@ -43,17 +43,17 @@ constexpr size_t kConfigInts = 0 MIRAS_CONFIG_INTS(MIRAS_ONE_);
 constexpr size_t kConfigFloats = 0 MIRAS_CONFIG_FLOATS(MIRAS_ONE_);
 #undef MIRAS_ONE_
 
-// map_schedule (SPEC §5 / §5b): "" when these backends compute it. SPEC §5b for the map retentions
-// (kl, lq, elastic_net) is computed by miras.reference so far (the torch ops route it there); the
-// C++/CUDA backends run it only where it equals SPEC §5 (retention l2).
+// map_schedule (SPEC §5 / §5b): "" when the C++ backends can compute it. With l2 both schedules are
+// one computation; kl and lq run on the CPU for the linear memory from a chunk boundary (the l2 dual
+// form from phi(X) per chunk, cpu/chunk_kernels.h; CUDA, the MLP memory and the step op refuse it in
+// their own checks); elastic_net (a per-token thresholded raw state) runs in miras.reference only.
 inline std::string schedule_error(const MemoryConfig& c) {
   if (c.map_schedule != kMapToken && c.map_schedule != kMapChunk)
     return "map_schedule: unknown code " + std::to_string(c.map_schedule) + " (0 token, 1 chunk)";
-  if (c.map_schedule == kMapChunk && c.retention != kRetL2)
+  if (c.map_schedule == kMapChunk && c.retention == kRetElasticNet)
     return std::string("map_schedule='chunk' with retention ") + retention_name(c.retention) +
-           " is not implemented in the C++/CUDA backends yet (only with retention l2, where it equals "
-           "'token'); use map_schedule='token', or the torch ops (miras.memory_update), which run it "
-           "through miras.reference";
+           " is not implemented in the C++/CUDA backends yet (kl and lq are, on the CPU); use "
+           "map_schedule='token', or the torch ops (miras.memory_update), which run it through miras.reference";
   return "";
 }
 

@@ -74,6 +74,10 @@ void validate_fwd(const ChunkFwdParams& p, const char* fn) {
   need(p.H >= 1 && p.Dk >= 1 && p.Dv >= 1, f + "H, Dk and Dv must be >= 1");
   const std::string cfg_err = config_error(p.cfg, p.bias_param != nullptr, p.ret_param != nullptr);
   need(cfg_err.empty(), f + cfg_err);
+  need(p.cfg.map_schedule != kMapChunk || p.cfg.retention == kRetL2 || p.A0 == nullptr,
+       f + "map_schedule='chunk' with retention " + retention_name(p.cfg.retention) +
+           " runs from a chunk boundary only (no separate anchor A0: the step op's chunk schedule is "
+           "miras.reference's for now)");
   const int64_t total = p.cu_seqlens ? p.T : p.N * p.T;
   if (total > 0)
     need(p.q && p.k && p.v && p.lr && p.alpha, f + "q, k, v, lr and alpha may not be null");

@@ -67,6 +67,8 @@ struct Cfg {
   T p, eps, bias_param, ret_param, c, qn, eps_q, scale;
   int qmode = 0;  // lq: 2 -> q == 2, 4 -> q == 4, 0 -> general pow
   int64_t C = 1;
+  // map_schedule="chunk" with kl / lq (SPEC §5b): the l2 dual form from phi(X) per chunk
+  bool chunk_map = false;
 };
 
 template <typename T>
@@ -84,6 +86,7 @@ Cfg<T> make_cfg(const MemoryConfig& m) {
   c.scale = T(m.scale);
   c.qmode = m.q_norm == 2.0 ? 2 : (m.q_norm == 4.0 ? 4 : 0);
   c.C = m.chunk_size;
+  c.chunk_map = m.map_schedule == kMapChunk && (m.retention == kRetKL || m.retention == kRetLq);
   return c;
 }
 
@@ -138,6 +141,7 @@ struct Work {
   std::vector<T> E, Psi, Pst, sumsq;
   // states
   std::vector<T> X, P, Ar, WA, o, aux, tmp, tmp2;
+  std::vector<T> R;  // map_schedule="chunk": the read memory
   T anc_n = 0, anc_inv = 1;
 
   void init(int64_t Cb_, int64_t Dk_, int64_t Dv_) {
@@ -161,6 +165,7 @@ struct Work {
     P.assign(DkDv, T(0));
     Ar.assign(DkDv, T(0));
     WA.assign(DkDv, T(0));
+    R.assign(DkDv, T(0));
     o.assign(Dv, T(0));
     aux.assign(aux_width(Dv), T(0));
     tmp.assign(2 * std::max(Dv, Dk) + 2, T(0));
@@ -721,6 +726,27 @@ void fwd_seq(const Ctx<T>& cx, Work<T>& w, int64_t n, int64_t h, T* saveX, T* sa
     phi_full<T, RET>(cx.cf, Dk, Dv, w.Ar.data(), w.WA.data(), w.tmp.data(), &w.anc_n, &w.anc_inv);
     load_chunk<T, MOM>(cx, w, begin, h, t0, Lc);
     prep_chunk<T>(cx, w, Lc);
+    if constexpr (RET == kRetKL || RET == kRetLq) {
+      if (cx.cf.chunk_map) {
+        // SPEC §5b: the tokens read R, started at R0 = phi(Xs) = WA and moved by the l2 recurrence;
+        // the raw state leaves the chunk as X_end = R_end + gam_L (Xs - R0) (both recurrences are
+        // linear with the same gates and updates). Xs is Ar (no separate anchor here).
+        T* R = w.R.data();
+        std::memcpy(R, w.WA.data(), sizeof(T) * DkDv);
+        T gL = T(1);
+        for (int64_t t = 0; t < Lc; ++t) {
+          T* orow = o_out ? o_out + ((begin + t0 + t) * cx.H + h) * Dv : w.o.data();
+          token_fwd<T, kRetL2, MOM>(cx.cf, Dk, Dv, R, R, P, P, w.Kc.data() + t * Dk, w.Pst.data() + t * Dv,
+                                    w.Qc.data() + t * Dk, w.al[t], w.be[t], w.ga[t], orow, w.aux.data(),
+                                    w.tmp.data());
+          gL *= w.al[t];
+        }
+        const T* Xs = w.Ar.data();
+        const T* R0 = w.WA.data();
+        for (int64_t e = 0; e < DkDv; ++e) X[e] = R[e] + gL * (Xs[e] - R0[e]);
+        continue;
+      }
+    }
     for (int64_t t = 0; t < Lc; ++t) {
       T* orow = o_out ? o_out + ((begin + t0 + t) * cx.H + h) * Dv : w.o.data();
       token_fwd<T, RET, MOM>(cx.cf, Dk, Dv, X, X, P, P, w.Kc.data() + t * Dk,
@@ -1045,6 +1071,12 @@ void bwd_seq(const Ctx<T>& cx, Work<T>& w, BWork<T>& bw, const BwdOut<T>& out, i
       return;
     }
   }
+  if constexpr (RET == kRetKL || RET == kRetLq) {
+    if (cx.cf.chunk_map) {  // map_schedule="chunk": the l2 dual form from phi(Xs) per chunk
+      bwd_seq_l2_dual<T, MOM, RET>(cx, w, bw.dual, out, n, h, startX, startP, start_stride);
+      return;
+    }
+  }
   const Cfg<T>& cf = cx.cf;
   const int64_t H = cx.H, Dk = cx.Dk, Dv = cx.Dv, DkDv = Dk * Dv, C = cf.C;
   const int64_t begin = cx.begin(n), L = cx.len(n), off = cx.state_off(n, h);
@@ -1256,7 +1288,7 @@ struct BwdRunner {
       Work<T> w;
       w.init(Cb, Dk, Dv);
       BWork<T> bw;
-      bw.init(Cb, Dk, Dv, S, MOM, nstart, RET == kRetL2 && l2_bwd_dual());
+      bw.init(Cb, Dk, Dv, S, MOM, nstart, RET == kRetL2 ? l2_bwd_dual() : cx.cf.chunk_map);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif

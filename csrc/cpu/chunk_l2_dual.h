@@ -29,6 +29,7 @@ struct L2DualWork {
   int64_t Cb = 0, LM = 0;
   std::vector<T> dW, dP, dWn, dPn, Kt, Psit, S, G, At, dSm, LgT, FT, Lg, Lb, F, gam, ev, fv, dOc,
       dOg, dPsi, KdW, KdP, dE, dQ, dK, tmpq, XsT, WAT, dWT, PsiS, Mt, av, bv, YB, YX, zeros, dpsi;
+  std::vector<T> R0, dR0, mtmp;  // map_schedule="chunk": phi(Xs), its cotangent, the map's scratch
   void init(int64_t Cb_, int64_t Dk, int64_t Dv, bool mom) {
     Cb = Cb_;
     LM = Cb + 2;
@@ -52,6 +53,9 @@ struct L2DualWork {
     Mt.assign(size_t(Cb) * size_t(LM), T(0));
     for (auto* m : {&av, &bv, &YB, &YX}) m->assign(size_t(LM), T(0));
     dpsi.assign(size_t(Dv), T(0));
+    R0.assign(DkDv, T(0));
+    dR0.assign(DkDv, T(0));
+    mtmp.assign(2 * size_t(Dv), T(0));
   }
 };
 
@@ -136,10 +140,16 @@ inline bool l2_bwd_dual() {
   return d;
 }
 
-template <typename T, bool MOM>
+// MAPRET = kRetKL / kRetLq: map_schedule="chunk" (SPEC §5b) — each chunk is this l2 chunk started
+// from the read memory R0 = phi(Xs) (also the anchor), and the raw state leaves it as
+// X_end = R_end + gam_L (Xs - R0). So the chunk code runs on R0; the gate scalar of gam_L pairs with
+// the raw Xs (X_end = gam_L Xs + ..., the R0 terms cancel); the carry is
+// dXs = phi-VJP(Xs; dR0) + gam_L dW with dR0 = Q~^T diag(gam) dO + K^T dE (no gam_L dW term).
+template <typename T, bool MOM, int MAPRET = kRetL2>
 void bwd_seq_l2_dual(const Ctx<T>& cx, Work<T>& w, L2DualWork<T>& z, const BwdOut<T>& out,
                      int64_t n, int64_t h, const T* startX, const T* startP,
                      int64_t start_stride) {
+  constexpr bool kMap = MAPRET != kRetL2;
   const Cfg<T>& cf = cx.cf;
   const int64_t H = cx.H, Dk = cx.Dk, Dv = cx.Dv, DkDv = Dk * Dv, C = cf.C;
   const int64_t begin = cx.begin(n), L = cx.len(n), off = cx.state_off(n, h);
@@ -204,6 +214,12 @@ void bwd_seq_l2_dual(const Ctx<T>& cx, Work<T>& w, L2DualWork<T>& z, const BwdOu
     } else {
       Xs = startX + c * start_stride;
       if (MOM) Ps = startP + c * start_stride;
+    }
+    const T* Xraw = Xs;  // the raw chunk-start state (== Xs for retention l2)
+    T map_n = T(0), map_inv = T(0);
+    if constexpr (kMap) {
+      phi_full<T, MAPRET>(cf, Dk, Dv, Xraw, z.R0.data(), z.mtmp.data(), &map_n, &map_inv);
+      Xs = z.R0.data();
     }
     const bool a0 = (c == 0 && cx.A0);
     const T* anchor = a0 ? cx.A0 + off : Xs;
@@ -419,7 +435,7 @@ MIRAS_SIMD_REDUCE(b)
     {
       T wx = T(0), wp = T(0), pp = T(0);
 MIRAS_SIMD_REDUCE(wx)
-      for (int64_t e = 0; e < DkDv; ++e) wx += Xs[e] * dW[e];
+      for (int64_t e = 0; e < DkDv; ++e) wx += Xraw[e] * dW[e];
       if constexpr (MOM) {
 MIRAS_SIMD_REDUCE(wp, pp)
         for (int64_t e = 0; e < DkDv; ++e) {
@@ -439,18 +455,24 @@ MIRAS_SIMD_REDUCE(wp, pp)
       T* o = dOg + t * Dv;
       for (int64_t j = 0; j < Dv; ++j) o[j] = gt * d[j];
     }
-    gemm_tn<T>(Dk, Dv, Lc, Qc, Dk, dOg, Dv, dWn, Dv, false);
-    {
+    T* dR = kMap ? z.dR0.data() : dWn;  // d/dXs (l2) or d/dR0 (map_schedule="chunk")
+    gemm_tn<T>(Dk, Dv, Lc, Qc, Dk, dOg, Dv, dR, Dv, false);
+    if constexpr (!kMap) {
       const T gL = gam[Lm];
       for (int64_t e = 0; e < DkDv; ++e) dWn[e] += gL * dW[e];
     }
     if (!dot_bias) {
       if (!a0) {
-        gemm_tn<T>(Dk, Dv, Lc, Kc, Dk, dE, Dv, dWn, Dv, true);
+        gemm_tn<T>(Dk, Dv, Lc, Kc, Dk, dE, Dv, dR, Dv, true);
       } else {
         if (out.dA0) gemm_tn<T>(Dk, Dv, Lc, Kc, Dk, dE, Dv, out.dA0 + off, Dv, false);
         a0_written = true;
       }
+    }
+    if constexpr (kMap) {
+      const T gL = gam[Lm];
+      for (int64_t e = 0; e < DkDv; ++e) dWn[e] = gL * dW[e];
+      phi_vjp_full<T, MAPRET>(cf, Dk, Dv, Xraw, z.R0.data(), dR, map_n, map_inv, dWn, z.mtmp.data());
     }
     if constexpr (MOM) {
       for (int64_t t = 0; t < Lc; ++t) {

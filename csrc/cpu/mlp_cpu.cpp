@@ -2,6 +2,7 @@
 // validation, the portable instantiation of mlp_kernels.h and the run-time choice of the AVX2+FMA
 // one (mlp_cpu_avx2.cpp), as chunk_cpu.cpp does for the linear memory.
 #include "../core/mlp.h"
+#include "../core/names.h"
 #define MIRAS_CPU_ISA portable
 #include "chunk_kernels.h"
 #include "cpu_entry.h"
@@ -35,6 +36,9 @@ static void validate_mlp(const MlpFwdParams& p, const char* fn) {
   need(c.Dv == c.Dk, f + "the MLP memory needs Dv == Dk (M(x) = x + LN(GELU(x W1) W2)), got Dk=" +
                          std::to_string(c.Dk) + ", Dv=" + std::to_string(c.Dv));
   need(p.Dh >= 1, f + "Dh (W1's columns) must be >= 1");
+  need(c.cfg.map_schedule != kMapChunk || c.cfg.retention == kRetL2,
+       f + "map_schedule='chunk' with retention " + retention_name(c.cfg.retention) +
+           " is not implemented for the MLP memory in C++ yet (the torch front end runs it through miras.reference)");
   if (c.N > 0) need(c.X0 && p.X2, f + "the initial W1 and W2 (X0, X2) may not be null");
   need((c.A0 == nullptr) == (p.A2 == nullptr), f + "give both anchors (A0, A2) or neither");
   if (c.chunk_X || (c.momentum && c.chunk_P)) {

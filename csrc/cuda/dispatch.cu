@@ -56,6 +56,11 @@ const char* path_override() {
 
 // The family for p, or nullptr with every reason it is refused in *why.
 const Family* choose(const ChunkFwdParams& p, std::string* why) {
+  if (p.cfg.map_schedule == kMapChunk && p.cfg.retention != kRetL2) {  // SPEC §5b: CPU and reference only
+    *why = std::string("map_schedule='chunk' with retention ") + retention_name(p.cfg.retention) +
+           " has no CUDA kernel yet (the torch front end runs it through miras.reference on CUDA tensors)";
+    return nullptr;
+  }
   const std::string mode = path_override();
   std::string reasons;
   for (const Family& f : kFamilies) {

@@ -167,8 +167,9 @@ _FALLBACK_WHY = {
     "mlp": "memory='mlp' has no fused CUDA kernel yet (issue 5); on CUDA tensors it runs through the PyTorch "
            "reference implementation (correct, not fast). CPU tensors use the C++ op.",
     "chunk_maps": "map_schedule='chunk' with retention kl, lq or elastic_net runs through the PyTorch reference "
-                  "(miras.reference: correct and differentiable, a Python loop over chunks, not fast); the fused "
-                  "CPU/CUDA paths are not written yet.",
+                  "(miras.reference: correct and differentiable, a Python loop over chunks, not fast) except for "
+                  "kl / lq with the linear memory on CPU tensors (the C++ op); the fused CUDA, MLP-memory and "
+                  "step paths are not written yet.",
 }
 
 
@@ -298,7 +299,7 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[
     (``torch.ops.miras.mlp_chunk_fwd``); CUDA tensors the PyTorch reference (warns once).
     """
     cfg, params = Config.split(config, **options)
-    if cfg.chunk_maps:
+    if cfg.chunk_maps and not _chunk_maps_in_cpp(cfg, q):
         if check_inputs and cfg.memory == "linear":
             _prepare(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, cu_seqlens=cu_seqlens, check_inputs=True)
         return _reference_fallback("chunk_maps", "memory_update_chunked", q, k, v, lr, alpha, momentum,
@@ -353,7 +354,34 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[
     if not output_final_state:
         return o, None
     offset, (anchor,) = _final_anchor(pr, C, (XT,), (AT,), None if X0 is None else (X0,), q.device)
-    return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset)
+    R = _chunk_read_memory(cfg, pr, alpha, XT, anchor, offset) if cfg.chunk_maps else None
+    return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset, R=R)
+
+
+def _chunk_maps_in_cpp(cfg: Config, q) -> bool:
+    """map_schedule='chunk' cases the C++ op computes: linear memory, kl or lq, CPU tensors."""
+    return cfg.memory == "linear" and cfg.retention in ("kl", "lq") and isinstance(q, Tensor) and q.device.type == "cpu"
+
+
+def _chunk_read_memory(cfg: Config, pr, alpha, XT, anchor, offset):
+    """The final read memory R of map_schedule='chunk' (SPEC §5b) from the op's outputs: φ(X_T) at a
+    chunk boundary; inside the last chunk, whose raw state left its start A as X_T = R + γ (A − φ(A))
+    (γ = Π α over that chunk's tokens), R = X_T − γ (A − φ(A)). Differentiable through X_T, A, α."""
+    from .reference import _Cfg, _phi
+
+    rc = _Cfg("linear", cfg.bias, cfg.retention, cfg.p, cfg.eps, cfg.huber_mode, cfg.kl_scale, cfg.q_norm, cfg.eps_q,
+              None, None, cfg.map_schedule)
+    N, T, cu = pr["N"], pr["T"], pr["cu"]
+    a = alpha.to(XT.dtype)
+    if cu is None:
+        tail = T % cfg.chunk_size
+        gamma = a[:, T - tail:].prod(1) if tail else torch.ones_like(a[:, 0])         # [N, H]
+    else:
+        starts = (cu[1:] - offset).tolist()
+        gamma = torch.stack([a[0, s:e].prod(0) for s, e in zip(starts, cu[1:].tolist())])
+    at_boundary = (offset == 0).view(N, 1, 1, 1)
+    inside = XT - gamma[..., None, None] * (anchor - _phi(anchor, rc))
+    return torch.where(at_boundary, _phi(XT, rc), inside)
 
 
 def _linear_only(ln_weight, ln_bias, expansion):
@@ -430,7 +458,7 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, cfg
 
         o1, s1 = run(0, t0, initial_state)
         o2, s2 = run(t0, T, s1)
-        return torch.cat([o1, o2], dim=1), MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset)
+        return torch.cat([o1, o2], dim=1), MemoryState(X=s2.X, P=s2.P, anchor=s1.X, offset=s2.offset, R=s2.R)
     lengths = cu[1:] - cu[:-1]
     if bool(((lengths % C == 0) | (lengths < C)).all()):
         return None
@@ -467,7 +495,7 @@ def _split_at_boundaries(q, k, v, lr, alpha, momentum, initial_state, pr, C, cfg
     o2, s2 = memory_update(take(q), take(k), take(v), take(lr), take(alpha), take(momentum),
                            initial_state=MemoryState(X=X1, P=P1), output_final_state=True, cu_seqlens=cu_suf,
                            **{**kw, **{n: take(val) for n, val in params.items()}})
-    return o1.index_copy(1, idx_suf, o2), MemoryState(X=s2.X, P=s2.P, anchor=X1, offset=s2.offset)
+    return o1.index_copy(1, idx_suf, o2), MemoryState(X=s2.X, P=s2.P, anchor=X1, offset=s2.offset, R=s2.R)
 
 
 def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, exact=False, ln_weight=None,

@@ -536,10 +536,10 @@ static void run_error_checks(void) {
   expect_error("lq_q_norm", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "q (lq retention) must be >= 2");
   cfg.retention = MIRAS_RETENTION_L2;
   cfg.q_norm = 4.0;
-  cfg.retention = MIRAS_RETENTION_KL;
+  cfg.retention = MIRAS_RETENTION_ELASTIC_NET;
   cfg.map_schedule = 1;
-  expect_error("chunk_schedule_kl", FWD(), MIRAS_ERROR_INVALID_ARGUMENT,
-               "map_schedule='chunk' with retention kl is not implemented");
+  expect_error("chunk_schedule_en", FWD(), MIRAS_ERROR_INVALID_ARGUMENT,
+               "map_schedule='chunk' with retention elastic_net is not implemented");
   cfg.retention = MIRAS_RETENTION_L2;
   cfg.map_schedule = 3;
   expect_error("map_schedule_3", FWD(), MIRAS_ERROR_INVALID_ARGUMENT, "map_schedule: unknown code 3");
