@@ -333,3 +333,55 @@ def test_which_cases_run_the_reference():
     with pytest.warns(UserWarning, match="map_schedule='chunk' with retention kl, lq or elastic_net"):
         miras.memory_update(*args, **kw, chunk_size=4, map_schedule="chunk", initial_state=st)
     assert "chunk_maps" in ops._WARNED
+
+
+# ---- the op's registration: opcheck, torch.compile -------------------------------------------------
+@pytest.mark.parametrize("ret", ["kl", "lq"])
+def test_opcheck_chunk_schedule(seed, ret):
+    args, kw, st = _inputs(seed, ret, "lp", T=9, requires_grad=True)
+    q, k, v, lr, alpha, mom = args
+    code = miras.config.config_codes("lp", "yaad", ret, 3.0, 1e-6, 1.5, 4.0, 1e-6, 4)
+    icfg, fcfg = op_cfg(bias=code[0], retention=code[1], chunk_size=4, map_schedule=1, kl_scale=1.5, scale=0.5)
+    fwd = (q, k, v, lr, alpha, mom, None, None, st.X, st.P, None, None, icfg, fcfg, True)
+    torch.library.opcheck(torch.ops.miras.chunk_fwd.default, fwd)
+    o, XT, PT, AT, cX, cP = torch.ops.miras.chunk_fwd(*[t.detach() if isinstance(t, torch.Tensor) else t for t in fwd])
+    g = torch.Generator().manual_seed(seed)
+    dO, dXT, dPT = (torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (o, XT, PT))
+    bwd = (dO, dXT, dPT, *[t.detach() if isinstance(t, torch.Tensor) else t for t in fwd[:12]], cX, cP, icfg, fcfg)
+    torch.library.opcheck(torch.ops.miras.chunk_bwd.default, bwd)
+
+
+class _ChunkScheduleLayer(torch.nn.Module):
+    def __init__(self, retention):
+        super().__init__()
+        self.qkv = torch.nn.Linear(12, 2 * (4 + 4 + 3))
+        self.gates = torch.nn.Linear(12, 2 * 2)
+        self.retention = retention
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 2, 11).split([4, 4, 3], dim=-1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        g = self.gates(x).view(B, T, 2, 2)
+        o, s = miras.memory_update(q.contiguous(), k.contiguous(), v.contiguous(), 0.5 * torch.sigmoid(g[..., 0]),
+                                   0.5 + 0.5 * torch.sigmoid(g[..., 1]), bias="l2", retention=self.retention,
+                                   chunk_size=4, map_schedule="chunk", output_final_state=True)
+        return o.sum(-1) + s.R.sum((-1, -2))[:, None, :]
+
+
+@pytest.mark.parametrize("ret", ["kl", "lq"])
+def test_torch_compile_fullgraph_chunk_schedule(seed, ret):
+    torch.manual_seed(seed)
+    torch._dynamo.reset()
+    m = _ChunkScheduleLayer(ret).double()
+    # T = 12, a multiple of the chunk: R = φ(X_T). (Inside a chunk R also depends on the final anchor,
+    # which under torch.compile is a constant for autograd, as the README says.)
+    x = torch.randn(2, 12, 12, dtype=torch.float64)
+    y_eager = m(x)
+    g_eager = torch.autograd.grad(y_eager.pow(2).sum(), list(m.parameters()))
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = cm(x)
+    g = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()))
+    assert_close(y, y_eager, 1e-10, "compiled forward")
+    for a, b in zip(g, g_eager):
+        assert_close(a, b, 1e-9, "compiled backward")
