@@ -23,7 +23,8 @@ from miras import reference as R
 from miras.state import MemoryState
 
 MAP_RETS = ["kl", "lq", "elastic_net"]
-pytestmark = pytest.mark.filterwarnings("ignore:miras. map_schedule='chunk'")
+pytestmark = [pytest.mark.filterwarnings("ignore:miras. map_schedule='chunk'"),
+              pytest.mark.filterwarnings("ignore:miras. lq_map='mirror'")]
 
 
 def _mlp_state(B, H, Dk, seed, dtype=torch.float64, momentum=False):
@@ -385,3 +386,67 @@ def test_torch_compile_fullgraph_chunk_schedule(seed, ret):
     assert_close(y, y_eager, 1e-10, "compiled forward")
     for a, b in zip(g, g_eager):
         assert_close(a, b, 1e-9, "compiled backward")
+
+
+# ---- lq_map="mirror": the mirror map of an lq regulariser (an option beside Eq. 24) ----------------
+def test_lq_mirror_map_formula_and_degree(seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    cfg = R._Cfg("linear", "l2", "lq", 3.0, 1e-6, "yaad", 1.0, 4.0, 1e-6, None, None, "token", "mirror")
+    n = A.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25)
+    assert_close(R._phi(A, cfg), torch.sign(A) * A.abs().pow(3) / n.pow(2), 1e-14, "formula")
+    assert_close(R._phi(2.5 * A, cfg), 2.5 * R._phi(A, cfg), 1e-14, "degree 1")
+    eq24 = R._Cfg("linear", "l2", "lq", 3.0, 1e-6, "yaad", 1.0, 4.0, 1e-6, None, None, "token", "eq24")
+    assert_close(R._phi(2.5 * A, eq24), R._phi(A, eq24) / 2.5, 1e-14, "Eq. 24 has degree 3 - q = -1")
+    # it is the gradient of ‖A‖_q² / 2
+    Ag = A.clone().requires_grad_(True)
+    (Ag.abs().pow(4).sum((-2, -1)).pow(0.5) / 2).sum().backward()
+    assert_close(R._phi(A, cfg), Ag.grad, 1e-13, "gradient of ‖A‖_q²/2")
+
+
+@pytest.mark.parametrize("schedule", ["token", "chunk"])
+@pytest.mark.parametrize("mem", ["linear", "mlp"])
+def test_lq_mirror_loop_equals_chunked_and_op(seed, schedule, mem):
+    args, kw, st = _inputs(seed, "lq", "lp", memory=mem, T=13, requires_grad=True)
+    common = dict(kw, memory=mem, chunk_size=4, map_schedule=schedule, lq_map="mirror", initial_state=st,
+                  output_final_state=True)
+    o1, s1 = R.memory_update_loop(*args, **common)
+    o2, s2 = R.memory_update_chunked(*args, **common)
+    assert_close(o2, o1, 1e-10, "o")
+    _states_close(s2, s1, 1e-10, "final")
+    o3, s3 = miras.memory_update(*args, **common)      # the op runs the reference for it
+    assert_close(o3, o1, 1e-12, "op")
+    o_eq, _ = R.memory_update_loop(*args, **dict(common, lq_map="eq24"))
+    assert (o_eq - o1).abs().max() > 1e-6 * o1.abs().max()
+    g1 = torch.autograd.grad(o1.square().sum(), args[0])[0]
+    g2 = torch.autograd.grad(o2.square().sum(), args[0])[0]
+    assert_close(g2, g1, 1e-9, "dq")
+
+
+def test_lq_mirror_gradcheck(seed):
+    args, kw, st = _inputs(seed, "lq", "l2", T=5, B=1, H=1, Dk=3, Dv=2, requires_grad=True)
+
+    def f(q, k, v, lr, alpha, mom, X0):
+        o, s = R.memory_update_chunked(q, k, v, lr, alpha, mom, **kw, chunk_size=2, lq_map="mirror",
+                                       initial_state=MemoryState(X=X0), output_final_state=True)
+        return o, s.X
+
+    assert torch.autograd.gradcheck(f, (*args, st.X), atol=1e-7, rtol=1e-5)
+
+
+def test_lq_mirror_never_reaches_a_backend_as_eq24():
+    with pytest.raises(ValueError, match="lq_map"):
+        miras.Config(retention="lq", lq_map="eq25")
+    with pytest.raises(ValueError, match="lq_map='mirror' is computed by miras.reference only"):
+        miras.Config(retention="lq", lq_map="mirror").arrays(8, 1.0, 0.0)
+    miras.Config(retention="l2", lq_map="mirror").arrays(8, 1.0, 0.0)  # no lq map: nothing to refuse
+
+
+def test_lq_mirror_layer_initial_state_reads_its_weights(seed):
+    torch.manual_seed(seed)
+    layer = miras.nn.Moneta(32, 2, head_dim=8, lq_map="mirror", map_schedule="chunk").double()
+    cfg = R._Cfg("mlp", "lp", "lq", 3.0, 1e-6, "yaad", 1.0, 4.0, 1e-6, None, None, "chunk", "mirror")
+    W = torch.randn(2, 8, 32, dtype=torch.float64)
+    assert_close(R._phi(layer._raw_from_weights(W), cfg), W, 1e-12, "φ(raw(W)) == W")
+    y, _ = layer(torch.randn(2, 9, 32, dtype=torch.float64))
+    assert torch.isfinite(y).all()

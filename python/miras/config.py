@@ -25,6 +25,9 @@ PARAM_DEFAULTS = {"delta": 1.0, "robust_delta": 0.0, "gamma": 0.0}
 MEMORIES = ("linear", "mlp")
 # When the retention's read map is applied (SPEC §5 / §5b), with the codes of csrc/core/params.h.
 MAP_SCHEDULES = {"token": 0, "chunk": 1}
+# The lq read map: "eq24" (the paper's Eq. 24, W = A / ‖A‖_q^(q−2), degree 3 − q) or "mirror" (the mirror
+# map of an ℓq regulariser, W = sign(A)|A|^(q−1) / ‖A‖_q^(q−2), degree 1). "mirror" runs in miras.reference.
+LQ_MAPS = ("eq24", "mirror")
 _FIELDS = _C.config_fields()
 
 
@@ -48,6 +51,7 @@ class Config:
     chunk_size: int = 64
     scale: Optional[float] = None
     map_schedule: str = "token"
+    lq_map: str = "eq24"
 
     def __post_init__(self):
         if self.memory not in MEMORIES:
@@ -59,6 +63,8 @@ class Config:
             resolve_scale(self.scale, 1)
         if self.map_schedule not in MAP_SCHEDULES:
             fail(f"map_schedule must be one of {tuple(MAP_SCHEDULES)}, got {self.map_schedule!r}")
+        if self.lq_map not in LQ_MAPS:
+            fail(f"lq_map must be one of {LQ_MAPS}, got {self.lq_map!r}")
 
     # ---- construction from keyword options -----------------------------------------------------
     @classmethod
@@ -103,6 +109,9 @@ class Config:
 
     def arrays(self, Dk: int, bias_scalar: float, ret_scalar: float, chunk_size: Optional[int] = None):
         """The ops' configuration arrays (icfg, fcfg) in the order of miras._C.config_fields()."""
+        if self.lq_mirror:  # not a backend field: no C++ path may run it as Eq. 24
+            raise ValueError("miras: lq_map='mirror' is computed by miras.reference only (the torch ops route it "
+                             "there); the C++/CUDA backends, JAX and the C ABI compute lq_map='eq24'")
         bias_code, ret_code = self.codes()
         values = self.as_dict()
         values.update(bias=bias_code, retention=ret_code, bias_param=float(bias_scalar), ret_param=float(ret_scalar),
@@ -120,6 +129,11 @@ class Config:
     def chunk_maps(self) -> bool:
         """SPEC §5b with a map retention (kl, lq, elastic_net): the read memory differs from φ(X)."""
         return self.map_schedule == "chunk" and self.retention != "l2"
+
+    @property
+    def lq_mirror(self) -> bool:
+        """retention lq with the mirror map (an option beside Eq. 24; miras.reference only so far)."""
+        return self.retention == "lq" and self.lq_map == "mirror"
 
     def reference_kwargs(self) -> Dict[str, Any]:
         """The options as keywords of miras.reference's functions."""

@@ -254,6 +254,9 @@ def _options(config, options):
     if cfg.memory != "linear":
         fail(f"miras.jax supports memory='linear' only, got {cfg.memory!r} (the MLP memory runs in the torch front "
              f"end, miras.memory_update)")
+    if cfg.lq_mirror:
+        raise NotImplementedError("miras.jax: lq_map='mirror' is not implemented in the JAX front end (the torch "
+                                  "front end, miras.memory_update, computes it through miras.reference)")
     if cfg.chunk_maps:
         raise NotImplementedError(
             f"miras.jax: map_schedule='chunk' with retention {cfg.retention!r} (SPEC §5b) is not implemented in the "

@@ -170,6 +170,8 @@ _FALLBACK_WHY = {
                   "(miras.reference: correct and differentiable, a Python loop over chunks, not fast) except for "
                   "kl / lq with the linear memory on CPU tensors (the C++ op); the fused CUDA, MLP-memory and "
                   "step paths are not written yet.",
+    "lq_mirror": "lq_map='mirror' runs through the PyTorch reference (miras.reference: correct and differentiable, "
+                 "not fast); no C++/CUDA path computes it yet.",
 }
 
 
@@ -299,10 +301,12 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[
     (``torch.ops.miras.mlp_chunk_fwd``); CUDA tensors the PyTorch reference (warns once).
     """
     cfg, params = Config.split(config, **options)
-    if cfg.chunk_maps and not _chunk_maps_in_cpp(cfg, q):
-        if check_inputs and cfg.memory == "linear":
-            _prepare(q, k, v, lr, alpha, momentum, cfg=cfg, params=params, cu_seqlens=cu_seqlens, check_inputs=True)
-        return _reference_fallback("chunk_maps", "memory_update_chunked", q, k, v, lr, alpha, momentum,
+    why = _reference_only(cfg, q, step=False)
+    if why:
+        if check_inputs and cfg.memory == "linear":  # the op's own input checks (with a config C++ knows)
+            _prepare(q, k, v, lr, alpha, momentum, cfg=cfg.replace(lq_map="eq24"), params=params,
+                     cu_seqlens=cu_seqlens, check_inputs=True)
+        return _reference_fallback(why, "memory_update_chunked", q, k, v, lr, alpha, momentum,
                                      initial_state=initial_state, output_final_state=output_final_state,
                                      cu_seqlens=cu_seqlens, ln_weight=ln_weight, ln_bias=ln_bias,
                                      expansion=expansion, **cfg.reference_kwargs(), **params)
@@ -358,6 +362,15 @@ def memory_update(q, k, v, lr, alpha, momentum=None, *, initial_state: Optional[
     return o, MemoryState(X=XT, P=PT if momentum is not None else None, anchor=anchor, offset=offset, R=R)
 
 
+def _reference_only(cfg: Config, q, step: bool):
+    """Why this configuration runs through miras.reference ("lq_mirror", "chunk_maps"), or None."""
+    if cfg.lq_mirror:
+        return "lq_mirror"
+    if cfg.chunk_maps and (step or not _chunk_maps_in_cpp(cfg, q)):
+        return "chunk_maps"
+    return None
+
+
 def _chunk_maps_in_cpp(cfg: Config, q) -> bool:
     """map_schedule='chunk' cases the C++ op computes: linear memory, kl or lq, CPU tensors."""
     return cfg.memory == "linear" and cfg.retention in ("kl", "lq") and isinstance(q, Tensor) and q.device.type == "cpu"
@@ -370,7 +383,7 @@ def _chunk_read_memory(cfg: Config, pr, alpha, XT, anchor, offset):
     from .reference import _Cfg, _phi
 
     rc = _Cfg("linear", cfg.bias, cfg.retention, cfg.p, cfg.eps, cfg.huber_mode, cfg.kl_scale, cfg.q_norm, cfg.eps_q,
-              None, None, cfg.map_schedule)
+              None, None, cfg.map_schedule, cfg.lq_map)
     N, T, cu = pr["N"], pr["T"], pr["cu"]
     a = alpha.to(XT.dtype)
     if cu is None:
@@ -524,11 +537,12 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state: MemoryState, exact=
     def tok(t):
         return t.unsqueeze(1) if isinstance(t, Tensor) else t
 
-    if cfg.chunk_maps:
+    why = _reference_only(cfg, q, step=True)
+    if why:
         if check_inputs and memory == "linear":
-            _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=cfg,
+            _prepare(tok(q), tok(k), tok(v), tok(lr), tok(alpha), tok(momentum), cfg=cfg.replace(lq_map="eq24"),
                      params={n: tok(x) for n, x in params.items()}, cu_seqlens=None, check_inputs=True, chunk_size=1)
-        return _reference_fallback("chunk_maps", "memory_step", q, k, v, lr, alpha, momentum, state=state, exact=exact,
+        return _reference_fallback(why, "memory_step", q, k, v, lr, alpha, momentum, state=state, exact=exact,
                                      ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
                                      **cfg.reference_kwargs(), **params)
 

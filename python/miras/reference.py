@@ -54,6 +54,7 @@ _HUBER_MODES = ("yaad", "coord", "norm")
 _RETENTIONS = ("l2", "kl", "elastic_net", "lq")
 _MEMORIES = ("linear", "mlp")
 _MAP_SCHEDULES = ("token", "chunk")
+_LQ_MAPS = ("eq24", "mirror")
 LN_EPS = 1e-5  # LayerNorm epsilon of the MLP memory (SPEC §6)
 
 
@@ -119,6 +120,7 @@ class _Cfg:
     ln_weight: Optional[Tensor]   # [H, Dv] or None
     ln_bias: Optional[Tensor]
     map_schedule: str = "token"   # SPEC §5 ("token") or §5b ("chunk")
+    lq_map: str = "eq24"          # lq: Eq. 24 (A / ‖A‖^(q−2)) or the mirror map (sign(A)|A|^(q−1) / ‖A‖^(q−2))
 
     @property
     def chunk_maps(self) -> bool:
@@ -141,6 +143,8 @@ def _phi(X: Tensor, cfg: _Cfg) -> Tensor:
         big = s > cfg.eps_q ** q
         n = torch.where(big, torch.where(big, s, torch.ones_like(s)).pow(1.0 / q),
                         torch.full_like(s, cfg.eps_q))
+        if cfg.lq_map == "mirror":   # ∇ of ‖A‖_q² / 2: the mirror map of an ℓq regulariser, degree 1
+            return torch.sign(X) * X.abs().pow(q - 1.0) / n.pow(q - 2.0)
         return X / n.pow(q - 2.0)
     raise ValueError(f"retention must be one of {_RETENTIONS}, got {r!r}")
 
@@ -369,7 +373,7 @@ def _prepare_raw_state(initial_state, N, H, Dk, Dv, memory, has_mom, expansion, 
     return X, P, A, off
 
 
-def _check(memory, bias, retention, huber_mode, chunk_size, map_schedule="token"):
+def _check(memory, bias, retention, huber_mode, chunk_size, map_schedule="token", lq_map="eq24"):
     if memory not in _MEMORIES:
         raise ValueError(f"memory must be one of {_MEMORIES}, got {memory!r}")
     if bias not in _BIASES:
@@ -382,15 +386,17 @@ def _check(memory, bias, retention, huber_mode, chunk_size, map_schedule="token"
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if map_schedule not in _MAP_SCHEDULES:
         raise ValueError(f"map_schedule must be one of {_MAP_SCHEDULES}, got {map_schedule!r}")
+    if lq_map not in _LQ_MAPS:
+        raise ValueError(f"lq_map must be one of {_LQ_MAPS}, got {lq_map!r}")
 
 
 def _run(seq_fn, q, k, v, lr, alpha, momentum, *, memory, bias, retention, p, eps, delta,
          huber_mode, robust_delta, gamma, kl_scale, q_norm, eps_q, chunk_size, scale,
          initial_state, output_final_state, cu_seqlens, ln_weight, ln_bias, expansion,
-         require_zero_offset, map_schedule="token"):
+         require_zero_offset, map_schedule="token", lq_map="eq24"):
     """Shared driver of memory_update_loop / memory_update_chunked: layout, dtype, state,
     varlen segments; ``seq_fn`` processes a batch of equal-length sequences."""
-    _check(memory, bias, retention, huber_mode, chunk_size, map_schedule)
+    _check(memory, bias, retention, huber_mode, chunk_size, map_schedule, lq_map)
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, Dk] and v [B, T, H, Dv]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -408,7 +414,7 @@ def _run(seq_fn, q, k, v, lr, alpha, momentum, *, memory, bias, retention, p, ep
     cfg = _Cfg(memory, bias, retention, float(p), float(eps), huber_mode, float(kl_scale),
                float(q_norm), float(eps_q),
                None if ln_weight is None else ln_weight.to(cdt),
-               None if ln_bias is None else ln_bias.to(cdt), map_schedule)
+               None if ln_bias is None else ln_bias.to(cdt), map_schedule, lq_map)
     for name, w in (("ln_weight", cfg.ln_weight), ("ln_bias", cfg.ln_bias)):
         if w is not None and tuple(w.shape) != (H, Dv):
             raise ValueError(f"{name} must be [H, Dv] = {(H, Dv)}, got {tuple(w.shape)}")
@@ -508,7 +514,7 @@ def memory_update_loop(q, k, v, lr, alpha, momentum=None, *, memory="linear", bi
                        robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6,
                        chunk_size=64, scale=None, initial_state=None, output_final_state=False,
                        cu_seqlens=None, ln_weight=None, ln_bias=None, expansion=4,
-                       map_schedule="token"):
+                       map_schedule="token", lq_map="eq24"):
     """SPEC §5 token by token: for each token the gradient at the anchor (the raw state at the
     last chunk boundary, through φ), then momentum / retention step / threshold, then the read
     o_t = M_{φ(X_t)}(q̃_t). Supports an initial state in the middle of a chunk (``offset > 0``):
@@ -523,7 +529,7 @@ def memory_update_loop(q, k, v, lr, alpha, momentum=None, *, memory="linear", bi
                 eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
-                require_zero_offset=False, map_schedule=map_schedule)
+                require_zero_offset=False, map_schedule=map_schedule, lq_map=lq_map)
 
 
 # =============================================================================================
@@ -645,7 +651,7 @@ def memory_update_chunked(q, k, v, lr, alpha, momentum=None, *, memory="linear",
                           robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0, eps_q=1e-6,
                           chunk_size=64, scale=None, initial_state=None,
                           output_final_state=False, cu_seqlens=None, ln_weight=None,
-                          ln_bias=None, expansion=4, map_schedule="token"):
+                          ln_bias=None, expansion=4, map_schedule="token", lq_map="eq24"):
     """The op in chunked form (same results as :func:`memory_update_loop`): dual form for
     retention ``l2`` (linear: KERNELS.md §1, MLP: §5), anchor GEMM + in-chunk scan for kl /
     elastic_net / lq. Vectorised over batch and heads; a Python loop over chunks (and over
@@ -658,7 +664,7 @@ def memory_update_chunked(q, k, v, lr, alpha, momentum=None, *, memory="linear",
                 eps_q=eps_q, chunk_size=chunk_size, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 ln_weight=ln_weight, ln_bias=ln_bias, expansion=expansion,
-                require_zero_offset=True, map_schedule=map_schedule)
+                require_zero_offset=True, map_schedule=map_schedule, lq_map=lq_map)
 
 
 # =============================================================================================
@@ -678,7 +684,7 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state, chunk_size=64, exac
                 memory="linear", bias="l2", retention="l2", p=3.0, eps=1e-6, delta=1.0,
                 huber_mode="yaad", robust_delta=0.0, gamma=0.0, kl_scale=1.0, q_norm=4.0,
                 eps_q=1e-6, scale=None, ln_weight=None, ln_bias=None, expansion=None,
-                map_schedule="token"):
+                map_schedule="token", lq_map="eq24"):
     """One token: q, k [B, H, Dk], v [B, H, Dv]; gates and tensor parameters [B, H].
 
     Gradient at ``state.anchor``, update X (and P), read after write, ``offset += 1``; where
@@ -686,7 +692,7 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state, chunk_size=64, exac
     offset 0. ``map_schedule="chunk"`` (SPEC §5b): the token reads ``state.R`` moved by the l2
     recurrence (R restarts at φ(X) at the boundary). Returns ``(o [B, H, Dv] in q's dtype, new MemoryState)``."""
     C = 1 if exact else int(chunk_size)
-    _check(memory, bias, retention, huber_mode, C, map_schedule)
+    _check(memory, bias, retention, huber_mode, C, map_schedule, lq_map)
     if state is None:
         raise ValueError("memory_step needs a state (MemoryState)")
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
@@ -705,7 +711,7 @@ def memory_step(q, k, v, lr, alpha, momentum=None, *, state, chunk_size=64, exac
     cfg = _Cfg(memory, bias, retention, float(p), float(eps), huber_mode, float(kl_scale),
                float(q_norm), float(eps_q),
                None if ln_weight is None else ln_weight.to(cdt),
-               None if ln_bias is None else ln_bias.to(cdt), map_schedule)
+               None if ln_bias is None else ln_bias.to(cdt), map_schedule, lq_map)
     X, P, A, R, off = _prepare_state(state, B, H, Dk, Dv, memory, momentum is not None, expansion,
                                      cdt, q.device, cfg)
     row = lambda x: None if x is None else x[..., None]  # noqa: E731  [B,H] → [B,H,1]

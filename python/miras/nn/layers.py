@@ -302,6 +302,11 @@ class MirasLayer(nn.Module):
             return W / W.std()
         if r == "lq":
             q = float(self.op_kwargs.get("q_norm", 4.0))
+            if self.op_kwargs.get("lq_map", "eq24") == "mirror" and q != 2.0:
+                # φ(A) = sign(A)|A|^{q−1} / ‖A‖_q^{q−2} has degree 1: A0 = sign(W)|W|^{1/(q−1)} gives
+                # φ(A0) = W / ‖A0‖_q^{q−2}, so A = ‖A0‖_q^{q−2} A0 gives φ(A) = W
+                A0 = torch.sign(W) * W.abs().pow(1.0 / (q - 1.0))
+                return A0 * A0.abs().pow(q).sum((-2, -1), keepdim=True).pow((q - 2.0) / q)
             if q == 2.0 or q == 3.0:      # φ(cW) = W for q = 2; for q = 3 φ is scale-free
                 return W.clone()
             # φ(cA) = c^{3−q} φ(A) and φ(W) = W / ‖W‖_q^{q−2}: choose c with φ(cW) = W per head
@@ -445,7 +450,12 @@ class MirasLayer(nn.Module):
 # presets: the paper's models as points of the design space
 # ---------------------------------------------------------------------------------------------
 class Moneta(MirasLayer):
-    """Moneta (paper §5.1): ℓp attentional bias (p = 3), ℓq retention (q = 4), MLP memory."""
+    """Moneta (paper §5.1): ℓp attentional bias (p = 3), ℓq retention (q = 4), MLP memory.
+
+    Defaults follow the paper's printed equations (Eq. 24's map, ``map_schedule="token"``). Options
+    measured in ``bench/RESULTS.md`` §3: ``lq_map="mirror"`` (the degree-1 mirror map; much better
+    recall at L=32/64 on the demo's mqar; runs through the PyTorch reference for now) and
+    ``map_schedule="chunk"`` (the paper's parallel form; no better there)."""
 
     def __init__(self, hidden_size, num_heads, head_dim=None, *, p: float = 3.0, q_norm: float = 4.0, **kw):
         kw.setdefault("memory", "mlp")
