@@ -122,7 +122,7 @@ def build(case, requires_grad=True):
         gdt = torch.float32
     sdt = torch.float64 if dt == torch.float64 else torch.float32
     kw = dict(bias=case["bias"], retention=case["retention"], chunk_size=case["C"],
-              map_schedule=case.get("map_schedule", "token"))
+              map_schedule=case.get("map_schedule", "token"), lq_map=case.get("lq_map", "eq24"))
     params = {}
     bias, hm = case["bias"], case["huber_mode"]
     if bias == "huber":

@@ -177,6 +177,8 @@ def cases(draw, step=False):
         seed=draw(st.integers(0, 2 ** 31 - 1)),
         # SPEC §5b (update fuzz only: the step op's chunk schedule is the reference's own code)
         map_schedule="token" if step else draw(st.sampled_from(["token", "token", "token", "chunk"])),
+        # lq's mirror map (the reference computes it; update fuzz only, against the other formulation)
+        lq_map="mirror" if (not step and retention == "lq" and draw(st.integers(0, 3)) == 0) else "eq24",
     )
 
 
@@ -391,6 +393,8 @@ def _events(case):
     event(f"chunk vs T: {'C=1' if case['C'] == 1 else 'C>T' if case['C'] > T else 'C<=T'}")
     event(f"grad {case['grad']}")
     event(f"map_schedule {case.get('map_schedule', 'token')}")
+    if case["retention"] == "lq":
+        event(f"lq_map {case.get('lq_map', 'eq24')}")
 
 
 def _count(kind, case, how):
@@ -416,7 +420,8 @@ def check_update(case):
     # map_schedule="chunk" with a map retention: the op runs the reference's chunked form (for now), so
     # the yardstick is the other formulation, the per-token loop
     paper = case.get("map_schedule") == "chunk" and case["retention"] != "l2"
-    ref = R.memory_update_loop if paper else R.memory_update_chunked
+    mirror = case["retention"] == "lq" and case.get("lq_map") == "mirror"
+    ref = R.memory_update_loop if (paper or mirror) else R.memory_update_chunked
     return check(case, runner(miras.memory_update), runner(ref), leaves, case["grad"])
 
 

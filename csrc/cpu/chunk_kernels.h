@@ -728,22 +728,28 @@ void fwd_seq(const Ctx<T>& cx, Work<T>& w, int64_t n, int64_t h, T* saveX, T* sa
     prep_chunk<T>(cx, w, Lc);
     if constexpr (RET == kRetKL || RET == kRetLq) {
       if (cx.cf.chunk_map) {
-        // SPEC §5b: the tokens read R, started at R0 = phi(Xs) = WA and moved by the l2 recurrence;
-        // the raw state leaves the chunk as X_end = R_end + gam_L (Xs - R0) (both recurrences are
-        // linear with the same gates and updates). Xs is Ar (no separate anchor here).
-        T* R = w.R.data();
-        std::memcpy(R, w.WA.data(), sizeof(T) * DkDv);
-        T gL = T(1);
+        // SPEC §5b: the tokens read R_t = gam_t R0 + D_t with R0 = phi(Xs) = WA, where D (from 0)
+        // follows the l2 recurrence D_t = alpha_t D_{t-1} + U_t; the raw state (same gates, same
+        // updates) leaves the chunk as X_end = gam_L Xs + D_end. Carrying D rather than R keeps X
+        // exact where it is small next to R (no R_end - gam_L R0 cancellation). Xs is Ar here.
+        T* D = w.R.data();
+        std::fill(D, D + DkDv, T(0));
+        const T* R0 = w.WA.data();
+        T g = T(1);
         for (int64_t t = 0; t < Lc; ++t) {
           T* orow = o_out ? o_out + ((begin + t0 + t) * cx.H + h) * Dv : w.o.data();
-          token_fwd<T, kRetL2, MOM>(cx.cf, Dk, Dv, R, R, P, P, w.Kc.data() + t * Dk, w.Pst.data() + t * Dv,
-                                    w.Qc.data() + t * Dk, w.al[t], w.be[t], w.ga[t], orow, w.aux.data(),
-                                    w.tmp.data());
-          gL *= w.al[t];
+          const T* qt = w.Qc.data() + t * Dk;
+          token_fwd<T, kRetL2, MOM>(cx.cf, Dk, Dv, D, D, P, P, w.Kc.data() + t * Dk, w.Pst.data() + t * Dv, qt,
+                                    w.al[t], w.be[t], w.ga[t], orow, w.aux.data(), w.tmp.data());
+          g *= w.al[t];
+          for (int64_t i = 0; i < Dk; ++i) {  // o_t += gam_t q~_t R0
+            const T qi = g * qt[i];
+            const T* r = R0 + i * Dv;
+            for (int64_t j = 0; j < Dv; ++j) orow[j] += qi * r[j];
+          }
         }
         const T* Xs = w.Ar.data();
-        const T* R0 = w.WA.data();
-        for (int64_t e = 0; e < DkDv; ++e) X[e] = R[e] + gL * (Xs[e] - R0[e]);
+        for (int64_t e = 0; e < DkDv; ++e) X[e] = g * Xs[e] + D[e];
         continue;
       }
     }

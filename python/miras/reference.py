@@ -612,8 +612,11 @@ def _paper_chunk(Qc, sig, X0, P0, R0, alc, bec, gmc, cfg):
     if cfg.retention == "elastic_net":
         _, X, _ = _scan_chunk(None, sig, X0, P0, alc, bec, gmc, cfg)
     else:
+        # X_end = gam_C X0 + D_end with D the same recurrence from 0 (computed, not R_end - gam_C R0,
+        # which cancels where R is large next to X)
+        _, D, _ = _dual_chunk(Qc, sig, tuple(torch.zeros_like(r) for r in R0), P0, alc, bec, cfg)
         gL = torch.prod(alc, dim=-1)[..., None, None]
-        X = tuple(r + gL * (x0 - r0) for r, x0, r0 in zip(R, X0, R0))
+        X = tuple(gL * x0 + d for x0, d in zip(X0, D))
     return O, X, P, R
 
 
