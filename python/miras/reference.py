@@ -606,7 +606,7 @@ def _scan_chunk(Qc, sig, X, P, alc, bec, gmc, cfg):
 def _paper_chunk(Qc, sig, X0, P0, R0, alc, bec, gmc, cfg):
     """SPEC §5b, one chunk: the outputs are the l2 dual form started from the read memory R0 (= φ(X0)
     at a boundary); the raw state moves by the same updates — for kl and lq in closed form,
-    X_end = R_end + γ_L (X0 − R0) (both recurrences are linear with the same gates and updates), for
+    X_end = γ_L X0 + D_end, D the same recurrence from 0 (= R_end + γ_L (X0 − R0), without its cancellation), for
     elastic_net by its per-token thresholded recurrence."""
     O, R, P = _dual_chunk(Qc, sig, R0, P0, alc, bec, cfg)
     if cfg.retention == "elastic_net":
