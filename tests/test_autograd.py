@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, make_inputs, op_cfg, op_kwargs
+from conftest import assert_close, assert_compiled_matches, make_inputs, op_cfg, op_kwargs
 
 miras = pytest.importorskip("miras")
 from miras.state import MemoryState  # noqa: E402
@@ -185,17 +185,8 @@ class TinyMemoryLayer(torch.nn.Module):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(backend, seed):
     torch.manual_seed(seed)
-    torch._dynamo.reset()
-    m = TinyMemoryLayer(retention="kl").double()
-    x = torch.randn(2, 10, 12, dtype=torch.float64)
-    y_eager = m(x)
-    g_eager = torch.autograd.grad(y_eager.pow(2).sum(), list(m.parameters()))
-    cm = torch.compile(m, fullgraph=True, backend=backend)
-    y = cm(x)
-    g = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()))
-    assert_close(y, y_eager, 1e-10, "compiled forward")
-    for a, b in zip(g, g_eager):
-        assert_close(a, b, 1e-9, "compiled backward")
+    assert_compiled_matches(TinyMemoryLayer(retention="kl").double(), torch.randn(2, 10, 12, dtype=torch.float64),
+                            backend)
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import BIAS_MODES, BIAS_IDS, assert_close, make_inputs, op_cfg, op_kwargs, state_of
+from conftest import BIAS_MODES, BIAS_IDS, assert_close, assert_compiled_matches, make_inputs, op_cfg, op_kwargs, state_of
 
 import miras
 import miras.nn
@@ -373,19 +373,10 @@ class _ChunkScheduleLayer(torch.nn.Module):
 @pytest.mark.parametrize("ret", ["kl", "lq"])
 def test_torch_compile_fullgraph_chunk_schedule(seed, ret):
     torch.manual_seed(seed)
-    torch._dynamo.reset()
     m = _ChunkScheduleLayer(ret).double()
     # T = 12, a multiple of the chunk: R = φ(X_T). (Inside a chunk R also depends on the final anchor,
     # which under torch.compile is a constant for autograd, as the README says.)
-    x = torch.randn(2, 12, 12, dtype=torch.float64)
-    y_eager = m(x)
-    g_eager = torch.autograd.grad(y_eager.pow(2).sum(), list(m.parameters()))
-    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
-    y = cm(x)
-    g = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()))
-    assert_close(y, y_eager, 1e-10, "compiled forward")
-    for a, b in zip(g, g_eager):
-        assert_close(a, b, 1e-9, "compiled backward")
+    assert_compiled_matches(m, torch.randn(2, 12, 12, dtype=torch.float64))
 
 
 # ---- lq_map="mirror": the mirror map of an lq regulariser (an option beside Eq. 24) ----------------

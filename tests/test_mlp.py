@@ -33,7 +33,7 @@ import math
 import pytest
 import torch
 
-from conftest import BIAS_IDS, BIAS_MODES, RETENTIONS, assert_close, make_inputs, op_cfg, op_kwargs, rel_err
+from conftest import BIAS_IDS, BIAS_MODES, RETENTIONS, assert_close, assert_compiled_matches, make_inputs, op_cfg, op_kwargs, rel_err
 
 miras = pytest.importorskip("miras")
 from miras import reference as R  # noqa: E402
@@ -473,17 +473,7 @@ class TinyMLPMemory(torch.nn.Module):
 
 def test_mlp_torch_compile_fullgraph(seed):
     torch.manual_seed(seed)
-    torch._dynamo.reset()
-    m = TinyMLPMemory().double()
-    x = torch.randn(2, 10, 12, dtype=F64)
-    y_eager = m(x)
-    g_eager = torch.autograd.grad(y_eager.pow(2).sum(), list(m.parameters()))
-    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
-    y = cm(x)
-    g = torch.autograd.grad(y.pow(2).sum(), list(m.parameters()))
-    assert_close(y, y_eager, 1e-10, "compiled forward")
-    for a, b in zip(g, g_eager):
-        assert_close(a, b, 1e-9, "compiled backward")
+    assert_compiled_matches(TinyMLPMemory().double(), torch.randn(2, 10, 12, dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ _FALLBACK_WHY = {
 
 def _reference_fallback(why, fn_name, *args, **kwargs):
     """What no backend computes yet, through the PyTorch reference (warns once per reason):
-    ``why="mlp"``, memory='mlp' on a non-CPU device; ``why="chunk_maps"``, map_schedule='chunk' with
-    retention kl / lq / elastic_net (SPEC §5b)."""
+    ``why="mlp"``, memory='mlp' on a non-CPU device; ``why="chunk_maps"``, map_schedule='chunk' where no
+    C++ path computes it (SPEC §5b); ``why="lq_mirror"``, lq_map='mirror'."""
     if why not in _WARNED:
         warnings.warn("miras: " + _FALLBACK_WHY[why], stacklevel=3)
         _WARNED.add(why)
@@ -386,12 +386,14 @@ def _chunk_read_memory(cfg: Config, pr, alpha, XT, anchor, offset):
               None, None, cfg.map_schedule, cfg.lq_map)
     N, T, cu = pr["N"], pr["T"], pr["cu"]
     a = alpha.to(XT.dtype)
-    if cu is None:
+    if cu is None:  # one offset for every sequence: only the map that is needed
         tail = T % cfg.chunk_size
-        gamma = a[:, T - tail:].prod(1) if tail else torch.ones_like(a[:, 0])         # [N, H]
-    else:
-        starts = (cu[1:] - offset).tolist()
-        gamma = torch.stack([a[0, s:e].prod(0) for s, e in zip(starts, cu[1:].tolist())])
+        if tail == 0:
+            return _phi(XT, rc)
+        gamma = a[:, T - tail:].prod(1)                                                  # [N, H]
+        return XT - gamma[..., None, None] * (anchor - _phi(anchor, rc))
+    starts = (cu[1:] - offset).tolist()
+    gamma = torch.stack([a[0, s:e].prod(0) for s, e in zip(starts, cu[1:].tolist())])
     at_boundary = (offset == 0).view(N, 1, 1, 1)
     inside = XT - gamma[..., None, None] * (anchor - _phi(anchor, rc))
     return torch.where(at_boundary, _phi(XT, rc), inside)
